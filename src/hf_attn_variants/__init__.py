@@ -1,0 +1,22 @@
+"""hf-attn-variants: stick-breaking attention and layerwise attention shortcuts as a transformers model family.
+
+Importing the package registers the `attn_variant_llama` family with `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM`, and the `"stickbreaking"` attention implementation with transformers' `AttentionInterface`.
+"""
+
+from .models import (
+    AttnVariantLlamaConfig,
+    AttnVariantLlamaForCausalLM,
+    AttnVariantLlamaModel,
+    AttnVariantLlamaPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnVariantLlamaConfig",
+    "AttnVariantLlamaForCausalLM",
+    "AttnVariantLlamaModel",
+    "AttnVariantLlamaPreTrainedModel",
+    "__version__",
+]

@@ -1,0 +1,13 @@
+from .attn_variant_llama import (
+    AttnVariantLlamaConfig,
+    AttnVariantLlamaForCausalLM,
+    AttnVariantLlamaModel,
+    AttnVariantLlamaPreTrainedModel,
+)
+
+__all__ = [
+    "AttnVariantLlamaConfig",
+    "AttnVariantLlamaForCausalLM",
+    "AttnVariantLlamaModel",
+    "AttnVariantLlamaPreTrainedModel",
+]

@@ -1,0 +1,137 @@
+"""Configuration of the AttnVariantLlama family: a Llama whose attention can be swapped for a variant.
+
+Every `LlamaConfig` field is accepted unchanged (the class extends it), so any Llama `config.json` converts. The extra
+fields default to plain Llama behaviour: a config without them describes exactly a `LlamaForCausalLM`.
+"""
+
+from transformers import LlamaConfig
+
+TOKEN_ATTENTION_VARIANTS = ("softmax", "stickbreaking")
+STICKBREAKING_REMAINDER_MODES = ("none", "value", "bias")
+STICKBREAKING_BACKENDS = ("auto", "torch", "triton")
+SHORTCUT_MODES = ("depth", "depth_context")
+
+
+class AttnVariantLlamaConfig(LlamaConfig):
+    r"""
+    Llama configuration plus the attention-variant options. All `LlamaConfig` arguments are accepted.
+
+    Args:
+        attention_variant (`str`, *optional*, defaults to `"softmax"`):
+            Token attention of every decoder layer, saved in `config.json` so a model reloads as itself:
+            `"softmax"` (Llama; backend chosen by `attn_implementation`: eager / sdpa / flash) or `"stickbreaking"`
+            (Tan et al., arXiv 2410.17980). Loading with `attn_implementation="stickbreaking"` sets it.
+        use_rope (`bool`, *optional*):
+            Apply rotary position embeddings to queries and keys. `None` means: yes for softmax, no for stick-breaking
+            (the paper's models use no positional encoding; the stick-breaking order encodes position).
+        stickbreaking_attend_current (`bool`, *optional*, defaults to `False`):
+            Whether token i may attend to itself (j <= i) or only to earlier tokens (j < i, the official default).
+        stickbreaking_remainder (`str`, *optional*, defaults to `"none"`):
+            What to do with the unassigned mass rem_i = 1 - sum_j A_ij: `"none"` drops it (official 3B checkpoint),
+            `"value"` adds rem_i * v_i, `"bias"` adds rem_i * a learned per-head vector (zero-initialised).
+        stickbreaking_scale (`float`, *optional*):
+            Logit scale s in z_ij = s * q_i . k_j. `None` uses the attention module's scaling, 1/sqrt(head_dim).
+        stickbreaking_backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` (Triton kernels on CUDA when installed, PyTorch otherwise), `"torch"` or `"triton"`.
+            The environment variable `HF_ATTN_VARIANTS_SB_BACKEND` overrides it.
+        layer_shortcut (`bool`, *optional*, defaults to `False`):
+            Add the layerwise attention shortcut (Verma & Pilanci, arXiv 2409.10870): the final layer attends to the
+            outputs of intermediate layers. Loading with `attn_implementation="shortcut"` sets it.
+        shortcut_mode (`str`, *optional*, defaults to `"depth"`):
+            `"depth"`: token t attends over its own position in each source layer. `"depth_context"`: token t attends
+            over (source layer, position <= t), the paper's causal reading.
+        shortcut_source_layers (`list[int]`, *optional*):
+            0-based indices of the decoder layers whose outputs are attended to; each must be before the final layer.
+            `None` means every intermediate layer, `0 .. num_hidden_layers - 2`.
+        shortcut_num_heads (`int`, *optional*):
+            Heads of the shortcut attention; `None` uses `num_attention_heads`. Must divide `hidden_size`.
+        shortcut_feature_mlp (`bool`, *optional*, defaults to `False`):
+            Pass each source through its own residual feature MLP (the paper's feature maps) before keys and values.
+        shortcut_normalize_sources (`bool`, *optional*, defaults to `True`):
+            RMS-normalise each source before keys and values (residual-stream norms grow with depth).
+    """
+
+    model_type = "attn_variant_llama"
+
+    attention_variant: str = "softmax"
+    use_rope: bool | None = None
+    stickbreaking_attend_current: bool = False
+    stickbreaking_remainder: str = "none"
+    stickbreaking_scale: float | None = None
+    stickbreaking_backend: str = "auto"
+    layer_shortcut: bool = False
+    shortcut_mode: str = "depth"
+    shortcut_source_layers: list[int] | None = None
+    shortcut_num_heads: int | None = None
+    shortcut_feature_mlp: bool = False
+    shortcut_normalize_sources: bool = True
+
+    def __post_init__(self, **kwargs):
+        # Validate before LlamaConfig fills defaults, so errors name the field the user actually set.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _require_positive(name, getattr(self, name))
+        for name in ("num_key_value_heads", "head_dim", "shortcut_num_heads"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads`={self.num_attention_heads} must divide `hidden_size`={self.hidden_size}."
+            )
+        if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads`={self.num_key_value_heads} must divide "
+                f"`num_attention_heads`={self.num_attention_heads}."
+            )
+        _require_choice("attention_variant", self.attention_variant, TOKEN_ATTENTION_VARIANTS)
+        _require_choice("stickbreaking_remainder", self.stickbreaking_remainder, STICKBREAKING_REMAINDER_MODES)
+        _require_choice("stickbreaking_backend", self.stickbreaking_backend, STICKBREAKING_BACKENDS)
+        _require_choice("shortcut_mode", self.shortcut_mode, SHORTCUT_MODES)
+        if self.stickbreaking_scale is not None and not self.stickbreaking_scale > 0:
+            raise ValueError(f"`stickbreaking_scale` must be a positive number or None, got {self.stickbreaking_scale!r}.")
+        if self.shortcut_num_heads is not None and self.hidden_size % self.shortcut_num_heads != 0:
+            raise ValueError(
+                f"`shortcut_num_heads`={self.shortcut_num_heads} must divide `hidden_size`={self.hidden_size}."
+            )
+        if self.shortcut_source_layers is not None:
+            sources = self.shortcut_source_layers = [int(i) for i in self.shortcut_source_layers]
+            last = self.num_hidden_layers - 1
+            bad = [i for i in sources if not 0 <= i < last]
+            if not sources or bad or len(set(sources)) != len(sources):
+                raise ValueError(
+                    f"`shortcut_source_layers`={self.shortcut_source_layers} must be a non-empty list of distinct layer "
+                    f"indices in [0, {last - 1}] (before the final layer {last} of `num_hidden_layers`="
+                    f"{self.num_hidden_layers}); invalid: {bad}."
+                )
+        if self.layer_shortcut and self.num_hidden_layers < 2:
+            raise ValueError(
+                f"`layer_shortcut`=True needs at least 2 layers (a source before the final one), got "
+                f"`num_hidden_layers`={self.num_hidden_layers}."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def rope_enabled(self) -> bool:
+        """Whether queries and keys get rotary embeddings (resolves `use_rope=None` from the attention variant)."""
+        if self.use_rope is None:
+            return self.attention_variant == "softmax"
+        return self.use_rope
+
+    @property
+    def shortcut_sources(self) -> list[int]:
+        """The resolved list of source layers of the layerwise shortcut."""
+        if self.shortcut_source_layers is None:
+            return list(range(self.num_hidden_layers - 1))
+        return list(self.shortcut_source_layers)
+
+
+def _require_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _require_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}`={value!r} is not supported; expected one of {list(allowed)}.")
+
+
+__all__ = ["AttnVariantLlamaConfig"]
