@@ -1,0 +1,612 @@
+"""Stick-breaking attention: Triton forward and deterministic backward (Tan et al., 2024, arXiv 2410.17980).
+
+Math (query i, key j, scale s, natural log unless stated)::
+
+    z_ij   = s * q_i . k_j,     beta_ij = sigmoid(z_ij)
+    A_ij   = beta_ij * prod_{j < l < i, l visible} (1 - beta_il)      (nearest key breaks the stick first)
+    o_i    = sum_j A_ij v_j,    rem_i = prod_{j visible} (1 - beta_ij)
+    log A_ij = z_ij + sum_{l >= j, l visible} -softplus(z_il)           (one inclusive reverse cumsum)
+
+Backward (g is dL/dlog A; the -drem term comes from rem = 1 - sum_j A_ij)::
+
+    g_ij  = A_ij * (do_i . v_j - drem_i)
+    dz_ij = g_ij - beta_ij * sum_{l <= j} g_il                          (inclusive cumsum over FARTHER keys)
+    dq = s * dz @ k,   dk = s * dz^T @ q,   dv = A^T @ do
+
+Visibility: query i sits at key position K - Q + i (decode / chunked prefill over a cache); key j is visible iff
+j < K - Q + i (or <= with ``attend_current``) and ``attention_mask`` allows it. Masked keys do not break the stick
+(their -softplus term is 0). A row without visible keys gets o = 0, rem = 1.
+
+Kernels (all arithmetic in fp32, logs in base 2 so the hardware exp2/log2 are used; ``scale2 = s * log2(e)``):
+
+* ``_sb_fwd_kernel``: one program per (query block, head). Visits key blocks nearest-first, fusing
+  q@k^T, softplus, the in-block reverse cumsum (``tl.cumsum`` in fp32, not the official bf16 triangular matmul,
+  which loses ~10% of a weight at saturated logits), exp2 and p@v. It stores o, rem and, per (row, key block),
+  the fp32 log-stick left by the nearer blocks (``snap``): the backward reads it instead of re-deriving it by
+  subtracting from a total, which would cancel catastrophically.
+* ``_sb_bwd_dq_kernel``: same grid, visits key blocks farthest-first so the running sum of g over farther keys
+  is built without subtraction; accumulates dq in registers and stores that running sum per key block (``gsnap``).
+* ``_sb_bwd_dkv_kernel``: one program per (key block, kv head) loops over the query blocks (and the HQ/H query
+  heads of its GQA group) that see it, using ``snap``/``gsnap``. No atomics and no locks, so it is deterministic.
+
+The host side picks blocks, wraps the kernels in ``torch.library`` custom ops (``hf_attn_variants::sb_parallel_fwd``,
+``hf_attn_variants::sb_parallel_bwd``) and ties them together with ``ParallelStickbreakingAttnFunction``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+IS_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+# Tests set this to (BLOCK_M, BLOCK_N) to force several blocks on tiny inputs; None = automatic choice.
+_FORCE_BLOCKS: Optional[tuple[int, int]] = None
+# `parallel_stickbreaking_attn` routes to the split-K decode kernel for at most this many queries ...
+_DECODE_MAX_QUERIES = 16
+# ... over at least this many keys, when no gradient is needed.
+_DECODE_MIN_KEYS = 512
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softplus2(x):
+    # log2(1 + 2^x). Above 15 the correction log2(1 + 2^-x) < 2^-15/ln2 is dropped and 2^x never overflows
+    # the where() it feeds. Plain exp2/log2 instead of the official inline PTX, so it runs anywhere.
+    return tl.where(x > 15.0, x, tl.log2(1.0 + tl.exp2(x)))
+
+
+@triton.jit
+def _sb_fwd_kernel(
+    q, k, v, o, rem, snap, mask, cu_seqlens,
+    scale2,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sm_b, sm_h, sm_q, sm_k,
+    Q, K, HQ, NKB,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HQ
+    i_hq = i_nh % HQ
+    i_h = i_hq // G
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        Qn = eos - bos
+        Kn = Qn
+        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
+    else:
+        bos = 0
+        Qn = Q
+        Kn = K
+        i_b = i_n
+    if i_m * BLOCK_M >= Qn:
+        return
+
+    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Qn
+    # exclusive upper bound of the visible keys of each row (query i sits at key position Kn - Qn + i)
+    lim = Kn - Qn + rows + (1 if ATTEND_CURRENT else 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = q + i_b * sq_b + i_hq * sq_h + bos * sq_t
+    k_base = k + i_b * sk_b + i_h * sk_h + bos * sk_t
+    v_base = v + i_b * sv_b + i_h * sv_h + bos * sv_t
+    bq = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :] * sq_d,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter cannot do bf16 arithmetic; fp32 inputs make this a no-op
+        bq = bq.to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    log_rem = tl.zeros([BLOCK_M], dtype=tl.float32)  # log2 of the stick left by the nearer keys (<= 0)
+    snap_row = (i_b * HQ + i_hq).to(tl.int64) * Q * NKB + (bos + rows) * NKB
+
+    # keys needed by this block: up to the largest lim among its valid rows
+    hi = tl.minimum(Kn, Kn - Qn + tl.minimum((i_m + 1) * BLOCK_M, Qn) - 1 + (1 if ATTEND_CURRENT else 0))
+    n_blocks = tl.cdiv(hi, BLOCK_N)
+    for it in range(0, n_blocks):
+        i_kb = n_blocks - 1 - it  # nearest block first: the stick is broken from the query backwards
+        cols = i_kb * BLOCK_N + offs_n
+        col_ok = cols < Kn
+        bkt = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None] * sk_d,
+                      mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        bv = tl.load(v_base + cols[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                     mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            bkt = bkt.to(tl.float32)
+            bv = bv.to(tl.float32)
+        z2 = tl.dot(bq, bkt, input_precision=DOT_PRECISION) * scale2
+        vis = (cols[None, :] < lim[:, None]) & col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0)
+            vis = vis & (bm != 0)
+        lomb = tl.where(vis, -_softplus2(z2), 0.0)  # log2(1 - beta); 0 for masked keys: they do not break the stick
+        tl.store(snap + snap_row + i_kb, log_rem, mask=row_ok)
+        log_p = z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_rem[:, None]
+        p = tl.where(vis, tl.exp2(log_p), 0.0)  # log_p <= 0: no running max needed, unlike softmax
+        acc += tl.dot(p.to(bv.dtype), bv, input_precision=DOT_PRECISION)
+        log_rem += tl.sum(lomb, axis=1)
+
+    o_ptrs = o + (i_b * HQ + i_hq).to(tl.int64) * Q * DV + (bos + rows)[:, None] * DV + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(o.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    r_ptrs = rem + (i_b * HQ + i_hq).to(tl.int64) * Q + bos + rows
+    tl.store(r_ptrs, tl.exp2(log_rem).to(rem.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _sb_bwd_dq_kernel(
+    q, k, v, do, drem, snap, gsnap, dq, mask, cu_seqlens,
+    scale, scale2,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sm_b, sm_h, sm_q, sm_k,
+    Q, K, HQ, NKB,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HQ
+    i_hq = i_nh % HQ
+    i_h = i_hq // G
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        Qn = eos - bos
+        Kn = Qn
+        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
+    else:
+        bos = 0
+        Qn = Q
+        Kn = K
+        i_b = i_n
+    if i_m * BLOCK_M >= Qn:
+        return
+
+    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Qn
+    lim = Kn - Qn + rows + (1 if ATTEND_CURRENT else 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = q + i_b * sq_b + i_hq * sq_h + bos * sq_t
+    k_base = k + i_b * sk_b + i_h * sk_h + bos * sk_t
+    v_base = v + i_b * sv_b + i_h * sv_h + bos * sv_t
+    bh = (i_b * HQ + i_hq).to(tl.int64)
+    bq = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :] * sq_d,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    # do / dq / drem are contiguous (B, HQ, Q, .) buffers made by the launcher
+    bdo = tl.load(do + bh * Q * DV + (bos + rows)[:, None] * DV + offs_dv[None, :],
+                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    bdrem = tl.load(drem + bh * Q + bos + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if UPCAST:
+        bq = bq.to(tl.float32)
+        bdo = bdo.to(tl.float32)
+
+    acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    g_far = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of g over the keys farther than the current block
+    snap_row = bh * Q * NKB + (bos + rows) * NKB
+
+    hi = tl.minimum(Kn, Kn - Qn + tl.minimum((i_m + 1) * BLOCK_M, Qn) - 1 + (1 if ATTEND_CURRENT else 0))
+    n_blocks = tl.cdiv(hi, BLOCK_N)
+    for i_kb in range(0, n_blocks):  # farthest block first, so g_far is a plain running sum
+        cols = i_kb * BLOCK_N + offs_n
+        col_ok = cols < Kn
+        bk = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :] * sk_d,
+                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        bvt = tl.load(v_base + cols[None, :] * sv_t + offs_dv[:, None] * sv_d,
+                      mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        if UPCAST:
+            bk = bk.to(tl.float32)
+            bvt = bvt.to(tl.float32)
+        z2 = tl.dot(bq, tl.trans(bk), input_precision=DOT_PRECISION) * scale2
+        vis = (cols[None, :] < lim[:, None]) & col_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0)
+            vis = vis & (bm != 0)
+        lomb = tl.where(vis, -_softplus2(z2), 0.0)
+        log_near = tl.load(snap + snap_row + i_kb, mask=row_ok, other=0.0)
+        a = tl.where(vis, tl.exp2(z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_near[:, None]), 0.0)
+        beta = tl.where(vis, tl.exp2(z2 + lomb), 0.0)
+        dp = tl.dot(bdo, bvt, input_precision=DOT_PRECISION)
+        g = a * (dp - bdrem[:, None])
+        tl.store(gsnap + snap_row + i_kb, g_far, mask=row_ok)
+        # where(), not a product: rows that see nothing may carry garbage snapshots
+        dz = tl.where(vis, g - beta * (g_far[:, None] + tl.cumsum(g, axis=1)), 0.0)
+        acc_dq += tl.dot(dz.to(bk.dtype), bk, input_precision=DOT_PRECISION)
+        g_far += tl.sum(g, axis=1)
+
+    acc_dq = acc_dq * scale
+    tl.store(dq + bh * Q * D + (bos + rows)[:, None] * D + offs_d[None, :], acc_dq.to(dq.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _sb_bwd_dkv_kernel(
+    q, k, v, do, drem, snap, gsnap, dk, dv, mask, cu_seqlens,
+    scale, scale2,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sm_b, sm_h, sm_q, sm_k,
+    Q, K, H, NKB,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_kb = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    HQ = H * G
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        Qn = eos - bos
+        Kn = Qn
+        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
+    else:
+        bos = 0
+        Qn = Q
+        Kn = K
+        i_b = i_n
+    if i_kb * BLOCK_N >= Kn:
+        return
+
+    cols = i_kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Kn
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m = tl.arange(0, BLOCK_M)
+
+    bk = tl.load(k + i_b * sk_b + i_h * sk_h + (bos + cols)[:, None] * sk_t + offs_d[None, :] * sk_d,
+                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    bv = tl.load(v + i_b * sv_b + i_h * sv_h + (bos + cols)[:, None] * sv_t + offs_dv[None, :] * sv_d,
+                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        bk = bk.to(tl.float32)
+        bv = bv.to(tl.float32)
+    acc_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # first query that sees key i_kb*BLOCK_N: Kn - Qn + i + ATTEND_CURRENT > i_kb*BLOCK_N
+    q_lo = tl.maximum(i_kb * BLOCK_N - Kn + Qn + 1 - (1 if ATTEND_CURRENT else 0), 0)
+    m_lo = q_lo // BLOCK_M
+    m_hi = tl.cdiv(Qn, BLOCK_M)
+    for i_g in range(0, G):  # the query heads of this GQA group accumulate into one dk/dv: no atomics needed
+        i_hq = i_h * G + i_g
+        bh = (i_b * HQ + i_hq).to(tl.int64)
+        q_base = q + i_b * sq_b + i_hq * sq_h + bos * sq_t
+        for i_m in range(m_lo, m_hi):
+            rows = i_m * BLOCK_M + offs_m
+            row_ok = rows < Qn
+            lim = Kn - Qn + rows + (1 if ATTEND_CURRENT else 0)
+            bq = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :] * sq_d,
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            bdo = tl.load(do + bh * Q * DV + (bos + rows)[:, None] * DV + offs_dv[None, :],
+                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            bdrem = tl.load(drem + bh * Q + bos + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if UPCAST:
+                bq = bq.to(tl.float32)
+                bdo = bdo.to(tl.float32)
+            snap_row = bh * Q * NKB + (bos + rows) * NKB + i_kb
+            log_near = tl.load(snap + snap_row, mask=row_ok, other=0.0)
+            g_far = tl.load(gsnap + snap_row, mask=row_ok, other=0.0)
+
+            z2 = tl.dot(bq, tl.trans(bk), input_precision=DOT_PRECISION) * scale2
+            vis = (cols[None, :] < lim[:, None]) & col_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
+                             mask=row_ok[:, None] & col_ok[None, :], other=0)
+                vis = vis & (bm != 0)
+            lomb = tl.where(vis, -_softplus2(z2), 0.0)
+            a = tl.where(vis, tl.exp2(z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_near[:, None]), 0.0)
+            beta = tl.where(vis, tl.exp2(z2 + lomb), 0.0)
+            dp = tl.dot(bdo, tl.trans(bv), input_precision=DOT_PRECISION)
+            g = a * (dp - bdrem[:, None])
+            dz = tl.where(vis, g - beta * (g_far[:, None] + tl.cumsum(g, axis=1)), 0.0)
+            acc_dv += tl.dot(tl.trans(a).to(bdo.dtype), bdo, input_precision=DOT_PRECISION)
+            acc_dk += tl.dot(tl.trans(dz).to(bq.dtype), bq, input_precision=DOT_PRECISION)
+
+    acc_dk = acc_dk * scale
+    kv_bh = (i_b * H + i_h).to(tl.int64)
+    tl.store(dk + kv_bh * K * D + (bos + cols)[:, None] * D + offs_d[None, :], acc_dk.to(dk.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(dv + kv_bh * K * DV + (bos + cols)[:, None] * DV + offs_dv[None, :], acc_dv.to(dv.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def _pick_blocks(max_q: int, max_k: int, d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) shared by forward and backward (the snapshots are indexed by key block)."""
+    if _FORCE_BLOCKS is not None:
+        return _FORCE_BLOCKS
+    if IS_INTERPRET:
+        # the interpreter costs ~0.5 ms per tl op per program: one big block is fastest
+        return min(_pow2(max_q), 128), min(_pow2(max_k), 128)
+    # GPU (unverified here): 64x64 tiles; narrower key tiles for wide heads to bound register pressure
+    return 64, (64 if d <= 128 else 32)
+
+
+def _launch_meta(q: torch.Tensor, d: int, dv: int) -> dict:
+    return dict(
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        UPCAST=IS_INTERPRET or q.dtype == torch.float32,
+        # fp32 inputs are the accuracy reference: do not let TF32 round them on GPU
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if max(d, dv) <= 64 else 8,
+        num_stages=1 if IS_INTERPRET else 2,
+    )
+
+
+def _mask_args(mask: Optional[torch.Tensor], shape: tuple[int, int, int, int], device):
+    if mask is None:
+        return torch.empty(1, dtype=torch.uint8, device=device), (0, 0, 0, 0)
+    # broadcast without copying (stride 0), then read the bools as bytes
+    m = mask.expand(shape).view(torch.uint8)
+    return m, tuple(m.stride())
+
+
+def _seq_meta(q, k, cu_seqlens, max_seqlen):
+    B, HQ, Qtot, _ = q.shape
+    Ktot = k.shape[2]
+    if cu_seqlens is None:
+        return B, Qtot, Ktot
+    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+
+
+def sb_parallel_fwd_impl(q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n):
+    B, HQ, Qtot, D = q.shape
+    H, Ktot, DV = k.shape[1], k.shape[2], v.shape[-1]
+    n_seq, max_q, max_k = _seq_meta(q, k, cu_seqlens, max_seqlen)
+    nkb = triton.cdiv(max_k, block_n)
+    o = torch.empty(B, HQ, Qtot, DV, dtype=q.dtype, device=q.device)
+    rem = torch.empty(B, HQ, Qtot, dtype=q.dtype, device=q.device)
+    snap = torch.empty(B, HQ, Qtot, nkb, dtype=torch.float32, device=q.device)
+    m, sm = _mask_args(attention_mask, (B, HQ, Qtot, Ktot), q.device)
+    cu = cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=q.device)
+    grid = (triton.cdiv(max_q, block_m), n_seq * HQ)
+    _sb_fwd_kernel[grid](
+        q, k, v, o, rem, snap, m, cu,
+        scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *sm,
+        Qtot, Ktot, HQ, nkb,
+        G=HQ // H, D=D, DV=DV, BLOCK_M=block_m, BLOCK_N=block_n,
+        ATTEND_CURRENT=attend_current, IS_VARLEN=cu_seqlens is not None, HAS_MASK=attention_mask is not None,
+        **_launch_meta(q, D, DV),
+    )
+    return o, rem, snap
+
+
+def sb_parallel_bwd_impl(do, drem, q, k, v, snap, attention_mask, cu_seqlens, scale, attend_current, max_seqlen,
+                         block_m, block_n):
+    B, HQ, Qtot, D = q.shape
+    H, Ktot, DV = k.shape[1], k.shape[2], v.shape[-1]
+    n_seq, max_q, max_k = _seq_meta(q, k, cu_seqlens, max_seqlen)
+    nkb = snap.shape[-1]
+    do = do.contiguous()
+    drem = drem.contiguous()
+    gsnap = torch.empty_like(snap)
+    dq = torch.empty(B, HQ, Qtot, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, Ktot, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, H, Ktot, DV, dtype=v.dtype, device=v.device)
+    m, sm = _mask_args(attention_mask, (B, HQ, Qtot, Ktot), q.device)
+    cu = cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=q.device)
+    common = dict(
+        G=HQ // H, D=D, DV=DV, BLOCK_M=block_m, BLOCK_N=block_n,
+        ATTEND_CURRENT=attend_current, IS_VARLEN=cu_seqlens is not None, HAS_MASK=attention_mask is not None,
+        **_launch_meta(q, D, DV),
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *sm)
+    # dq first: it writes gsnap, which the dk/dv kernel reads
+    _sb_bwd_dq_kernel[(triton.cdiv(max_q, block_m), n_seq * HQ)](
+        q, k, v, do, drem, snap, gsnap, dq, m, cu, scale, scale * LOG2E, *strides, Qtot, Ktot, HQ, nkb, **common
+    )
+    _sb_bwd_dkv_kernel[(triton.cdiv(max_k, block_n), n_seq * H)](
+        q, k, v, do, drem, snap, gsnap, dk, dv, m, cu, scale, scale * LOG2E, *strides, Qtot, Ktot, H, nkb, **common
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library.custom_op rather than triton_op: the ops are opaque to torch.compile, so the host code (block
+# choice from the interpreter flag, cu_seqlens metadata) never has to be traced, and the same registration works
+# under TRITON_INTERPRET on CPU and on GPU. Autograd is wired by ParallelStickbreakingAttnFunction below, which
+# torch.compile traces, calling these two ops.
+
+
+@torch.library.custom_op("hf_attn_variants::sb_parallel_fwd", mutates_args=())
+def sb_parallel_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], scale: float, attend_current: bool, max_seqlen: int, block_m: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sb_parallel_fwd_impl(q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen,
+                                block_m, block_n)
+
+
+@sb_parallel_fwd.register_fake
+def _(q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n):
+    B, HQ, Qtot, _ = q.shape
+    max_k = k.shape[2] if cu_seqlens is None else max_seqlen
+    return (q.new_empty(B, HQ, Qtot, v.shape[-1]), q.new_empty(B, HQ, Qtot),
+            q.new_empty(B, HQ, Qtot, triton.cdiv(max_k, block_n), dtype=torch.float32))
+
+
+@torch.library.custom_op("hf_attn_variants::sb_parallel_bwd", mutates_args=())
+def sb_parallel_bwd(
+    do: torch.Tensor, drem: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, snap: torch.Tensor,
+    attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float, attend_current: bool,
+    max_seqlen: int, block_m: int, block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sb_parallel_bwd_impl(do, drem, q, k, v, snap, attention_mask, cu_seqlens, scale, attend_current,
+                                max_seqlen, block_m, block_n)
+
+
+@sb_parallel_bwd.register_fake
+def _(do, drem, q, k, v, snap, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+class ParallelStickbreakingAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n):
+        o, rem, snap = torch.ops.hf_attn_variants.sb_parallel_fwd(
+            q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n
+        )
+        # snap (fp32 log-stick per row and key block) plays the role of softmax's lse
+        ctx.save_for_backward(q, k, v, snap, attention_mask, cu_seqlens)
+        ctx.args = (scale, attend_current, max_seqlen, block_m, block_n)
+        return o, rem
+
+    @staticmethod
+    def backward(ctx, do, drem):
+        q, k, v, snap, attention_mask, cu_seqlens = ctx.saved_tensors
+        scale, attend_current, max_seqlen, block_m, block_n = ctx.args
+        B, HQ, Qtot, _ = q.shape
+        if do is None:
+            do = q.new_zeros(B, HQ, Qtot, v.shape[-1])
+        if drem is None:
+            drem = q.new_zeros(B, HQ, Qtot)
+        dq, dk, dv = torch.ops.hf_attn_variants.sb_parallel_bwd(
+            do, drem, q, k, v, snap, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, attention_mask=None, cu_seqlens=None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"`{name}` must be a 4-D tensor (B, H, T, D), got shape {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"`{name}` must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"`q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, HQ, Qn, D = q.shape
+    Bk, H, Kn, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: `q` {B}, `k` {Bk}, `v` {v.shape[0]}")
+    if tuple(v.shape[1:3]) != (H, Kn):
+        raise ValueError(f"`v` must have shape (B, {H}, {Kn}, Dv) like `k`, got {tuple(v.shape)}")
+    if Dk != D:
+        raise ValueError(f"`k` head dim must equal `q` head dim {D}, got {Dk}")
+    if D > 256 or v.shape[-1] > 256:
+        raise ValueError(f"head dims up to 256 are supported, got D={D}, Dv={v.shape[-1]}")
+    if HQ % H != 0:
+        raise ValueError(f"`q` heads ({HQ}) must be a multiple of `k` heads ({H}) for GQA")
+    if Qn > Kn:
+        raise ValueError(f"`q` length must not exceed `k` length: got Q={Qn} > K={Kn}")
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise ValueError(f"`attention_mask` must be a bool tensor (True = visible), got {attention_mask.dtype}")
+        try:
+            torch.broadcast_shapes(attention_mask.shape, (B, HQ, Qn, Kn))
+            ok = attention_mask.ndim <= 4
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"`attention_mask` must broadcast to (B, HQ, Q, K) = {(B, HQ, Qn, Kn)}, got {tuple(attention_mask.shape)}"
+            )
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"`cu_seqlens` requires batch size 1 (packed sequences), got B={B}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"`cu_seqlens` must be a 1-D int32 tensor [0, l1, l1+l2, ...], got {cu_seqlens.dtype} "
+                f"with shape {tuple(cu_seqlens.shape)}"
+            )
+        if Qn != Kn:
+            raise ValueError(f"with `cu_seqlens`, `q` and `k` must have the same length, got {Qn} and {Kn}")
+        if attention_mask is not None:
+            raise ValueError("`attention_mask` is not supported together with `cu_seqlens`")
+
+
+def parallel_stickbreaking_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    attend_current: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Stick-breaking attention with Triton kernels (forward and deterministic backward).
+
+    Args:
+        q (torch.Tensor): queries of shape `[B, HQ, Q, D]` (any strides, e.g. a transposed `[B, Q, HQ, D]` view).
+        k (torch.Tensor): keys of shape `[B, H, K, D]`; `HQ % H == 0` (GQA: query head h reads kv head h // (HQ//H)).
+        v (torch.Tensor): values of shape `[B, H, K, Dv]`.
+        scale (Optional[float]): logit scale s in z = s q.k. Default: `D ** -0.5`.
+        attend_current (bool): whether query i sees the key at its own position. Default: `False`.
+        attention_mask (Optional[torch.Tensor]): bool, broadcastable to `[B, HQ, Q, K]`, True = visible (e.g. a
+            padding mask). Masked keys do not break the stick. Default: `None`.
+        cu_seqlens (Optional[torch.Tensor]): int32 `[N+1]` cumulative lengths `[0, l1, l1+l2, ...]` of N packed
+            sequences; then B must be 1 and Q == K. Default: `None`.
+
+    Query i sits at key position K - Q + i (decode / chunked prefill over a cache).
+
+    Returns:
+        o (torch.Tensor): `[B, HQ, Q, Dv]` in q.dtype.
+        rem (torch.Tensor): `[B, HQ, Q]` in q.dtype, the stick left over, prod_j (1 - beta_ij).
+    """
+    _check_inputs(q, k, v, attention_mask, cu_seqlens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    attend_current = bool(attend_current)
+    Qn, Kn = q.shape[2], k.shape[2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if cu_seqlens is None and not needs_grad and Qn <= _DECODE_MAX_QUERIES and Kn >= _DECODE_MIN_KEYS:
+        from .decoding import decode_stickbreaking_attn
+
+        return decode_stickbreaking_attn(q, k, v, scale=scale, attend_current=attend_current,
+                                         attention_mask=attention_mask)
+    if cu_seqlens is None:
+        max_seqlen = Kn
+    else:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    block_m, block_n = _pick_blocks(Qn if cu_seqlens is None else max_seqlen, max_seqlen, q.shape[-1])
+    return ParallelStickbreakingAttnFunction.apply(
+        q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n
+    )
