@@ -41,3 +41,46 @@ def smollm2_gguf_path() -> str | None:
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if os.path.exists(path) else None
+
+
+# Runs in a child process: hide this package, load a saved folder as remote code, write its logits.
+_REMOTE_CODE_CHILD = r"""
+import importlib.abc, sys
+
+class _HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_attn_variants" or name.startswith("hf_attn_variants."):
+            raise ImportError(f"{name} is hidden: this process must run the checkpoint's own remote code")
+
+sys.meta_path.insert(0, _HidePackage())
+import torch
+from transformers import AutoModelForCausalLM
+
+model_dir, inputs_path, logits_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert not any(m.startswith("hf_attn_variants") for m in sys.modules), "hf_attn_variants leaked into the child"
+inputs = torch.load(inputs_path)
+with torch.no_grad():
+    torch.save({"logits": model(**inputs).logits, "class": type(model).__name__}, logits_path)
+"""
+
+
+def remote_code_logits(model_dir: str, inputs: dict, workdir: str) -> dict:
+    """Load `model_dir` with `trust_remote_code=True` in a fresh Python process that cannot import
+    `hf_attn_variants`, run it on `inputs` and return {"logits", "class"}. The child is offline (HF_HUB_OFFLINE=1)
+    and uses its own modules cache, so it really runs the copied files."""
+    import subprocess
+    import sys
+
+    inputs_path, logits_path = os.path.join(workdir, "inputs.pt"), os.path.join(workdir, "logits.pt")
+    torch.save(inputs, inputs_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(workdir, "hf_modules"))
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _REMOTE_CODE_CHILD, model_dir, inputs_path, logits_path],
+        env=env, cwd=workdir, capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"remote-code child failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return torch.load(logits_path)
