@@ -6,6 +6,8 @@ Large shapes are GPU-only.
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -103,6 +105,7 @@ DENSE_CASES = [
     (1, 4, 2, 7, 30, 40, 24, torch.float32, True, None, "bhtd"),  # chunked prefill over a cache: Q < K
     (1, 4, 2, 40, 40, 24, 16, torch.float32, False, (16, 16), "bthd"),  # several query and key blocks
     (1, 2, 1, 29, 40, 16, 24, torch.float32, True, (16, 16), "bhtd"),
+    (1, 2, 1, 16, 16, 256, 200, torch.float32, False, None, "bhtd"),  # largest head dim, masked Dv tile
     (1, 4, 2, 24, 24, 32, 32, torch.float16, False, None, "bhtd"),
     (1, 4, 2, 24, 24, 32, 32, torch.bfloat16, True, None, "bthd"),
 ]
@@ -185,6 +188,16 @@ def test_decode_matches_full_forward(Q, attend_current):
         assert_close("rem vs full", rem_full[:, :, -Q:], rem, 1e-5)
         assert_close("o vs ref", o_ref[:, :, -Q:], o, 1e-4)
         assert_close("rem vs ref", rem_ref[:, :, -Q:], rem, 1e-4)
+
+
+def test_decode_several_row_blocks():
+    # G * Q = 80 rows > 64: the (query head, query) rows of one kv head span two row blocks
+    q, k, v, _, _ = make_inputs(1, 4, 2, 40, 40, 24, 16, torch.float32, "bthd")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, rem = decode_stickbreaking_attn(q, k, v, attend_current=True, num_splits=2)
+    o_ref, rem_ref = naive_stickbreaking_attn(q.double(), k.double(), v.double(), attend_current=True)
+    assert_close("o", o_ref, o, 1e-4)
+    assert_close("rem", rem_ref, rem, 1e-4)
 
 
 def test_parallel_routes_small_q_to_decode(monkeypatch):
@@ -284,6 +297,32 @@ def test_input_validation(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         parallel_stickbreaking_attn(**args)
+
+
+_NO_TRITON_CHILD = r'''
+import importlib.abc, sys
+
+class _HideTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton' (hidden by the test)")
+
+sys.meta_path.insert(0, _HideTriton())
+import hf_attn_variants.ops as ops
+assert "hf_attn_variants.ops.stickbreaking.parallel" not in sys.modules
+try:
+    ops.parallel_stickbreaking_attn
+except ImportError as e:
+    assert "needs triton" in str(e), e
+else:
+    raise SystemExit("no ImportError without triton")
+'''
+
+
+def test_ops_import_without_triton():
+    # ops/__init__ must import without triton and only fail, clearly, when a kernel is asked for
+    result = subprocess.run([sys.executable, "-c", _NO_TRITON_CHILD], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes need a CUDA GPU")
