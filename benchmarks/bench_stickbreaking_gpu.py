@@ -107,13 +107,14 @@ def main():
         ))
 
         # decode: one new query over the T-long cache (the cache already holds the new token)
-        q1, q1f = q.detach()[:, :, -1:], qf.detach()[:, -1:]
+        q1, k1, v1 = q.detach()[:, :, -1:], k.detach(), v.detach()
+        q1f, k1f, v1f = qf.detach()[:, -1:], kf.detach(), vf.detach()
         with torch.no_grad():
             rows.append((
                 "decode",
-                _bench(lambda: decode_stickbreaking_attn(q1, k.detach(), v.detach())),
-                _bench(lambda: F.scaled_dot_product_attention(q1, k.detach(), v.detach())),
-                _bench(lambda: flash_attn_func(q1f, kf.detach(), vf.detach(), causal=True)) if flash_attn_func else None,
+                _bench(lambda: decode_stickbreaking_attn(q1, k1, v1)),
+                _bench(lambda: F.scaled_dot_product_attention(q1, k1, v1)),
+                _bench(lambda: flash_attn_func(q1f, k1f, v1f, causal=True)) if flash_attn_func else None,
             ))
         for mode, sb, sdpa, fa in rows:
             print(f"| {T} | {mode} | {_fmt(sb)} | {_fmt(sdpa)} | {_fmt(fa)} | {_ratio(sb, sdpa)} | {_ratio(sb, fa)} |")

@@ -5,7 +5,8 @@ rem_i = prod_j (1 - beta_ij). Query i sits at key position K - Q + i.
 
 With Q <= ~16 the parallel kernel would launch one program per head and walk the whole cache serially. Here the
 cache is cut into C chunks processed in parallel. Chunk c yields, for every query row, the partial output
-acc_c = sum_{j in c} beta_ij prod_{j<l, l in c} (1 - beta_il) v_j and its log-remainder lr_c = sum_{j in c} log(1 - beta_ij).
+acc_c = sum_{j in c} beta_ij prod_{j<l, l in c} (1 - beta_il) v_j and its log-remainder
+lr_c = sum_{j in c} log(1 - beta_ij).
 Because the stick is broken nearest-first, chunk c only has to be scaled by the stick left by the chunks nearer to
 the query::
 
@@ -131,7 +132,8 @@ def decode_stickbreaking_attn(
         v (torch.Tensor): cached values `[B, H, K, Dv]`.
         scale (Optional[float]): logit scale. Default: `D ** -0.5`.
         attend_current (bool): whether query i sees the key at its own position K - Q + i. Default: `False`.
-        attention_mask (Optional[torch.Tensor]): bool, broadcastable to `[B, HQ, Q, K]`, True = visible. Default: `None`.
+        attention_mask (Optional[torch.Tensor]): bool, broadcastable to `[B, HQ, Q, K]`, True = visible.
+            Default: `None`.
         num_splits (Optional[int]): number of key chunks processed in parallel. Default: chosen from the grid size.
 
     Returns:

@@ -35,7 +35,6 @@ The host side picks blocks, wraps the kernels in ``torch.library`` custom ops (`
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -546,7 +545,8 @@ def _check_inputs(q, k, v, attention_mask=None, cu_seqlens=None) -> None:
             ok = False
         if not ok:
             raise ValueError(
-                f"`attention_mask` must broadcast to (B, HQ, Q, K) = {(B, HQ, Qn, Kn)}, got {tuple(attention_mask.shape)}"
+                f"`attention_mask` must broadcast to (B, HQ, Q, K) = {(B, HQ, Qn, Kn)}, "
+                f"got {tuple(attention_mask.shape)}"
             )
     if cu_seqlens is not None:
         if B != 1:
