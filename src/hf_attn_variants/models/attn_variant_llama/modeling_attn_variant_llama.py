@@ -29,6 +29,12 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_attn_variant_llama import AttnVariantLlamaConfig
+from .layer_shortcut import (
+    ZERO_INIT_ATTRIBUTE,
+    AttnVariantLlamaLayerShortcut,
+    AttnVariantLlamaShortcutCache,
+    uses_shortcut_cache,
+)
 from .stickbreaking_torch import register_stickbreaking_attention
 
 logger = logging.get_logger(__name__)
@@ -144,7 +150,7 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
     config_class = AttnVariantLlamaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AttnVariantLlamaDecoderLayer"]
+    _no_split_modules = ["AttnVariantLlamaDecoderLayer", "AttnVariantLlamaLayerShortcut"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -152,7 +158,9 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": AttnVariantLlamaDecoderLayer,
-        "attentions": AttnVariantLlamaAttention,
+        # With `layer_shortcut`, the last element of `attentions` is the shortcut's (B, heads, T, |S|) attention over
+        # the source layers (see `AttnVariantLlamaLayerShortcut`); the others are the token attentions, as in Llama.
+        "attentions": [AttnVariantLlamaAttention, AttnVariantLlamaLayerShortcut],
     }
 
     def __init__(self, config: AttnVariantLlamaConfig, *inputs, **kwargs):
@@ -194,6 +202,11 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and getattr(module, ZERO_INIT_ATTRIBUTE, False):
+            # The shortcut's o_proj (and feature-MLP outputs) start at zero so the model's function is unchanged; this
+            # also runs for the missing keys when `from_pretrained` adds a shortcut to a checkpoint without one.
+            init.zeros_(module.weight)
+            return
         super()._init_weights(module)
         if isinstance(module, AttnVariantLlamaAttention) and hasattr(module, "stickbreaking_remainder_bias"):
             init.zeros_(module.stickbreaking_remainder_bias)
@@ -209,6 +222,8 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         self.layers = nn.ModuleList(
             [AttnVariantLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        # Added to the final layer's output before `self.norm`, so the LM head's input distribution is untouched at init.
+        self.shortcut = AttnVariantLlamaLayerShortcut(config) if config.layer_shortcut else None
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # Kept even without RoPE: no parameters, and `set_attn_implementation` may switch back to a softmax backend.
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
@@ -234,7 +249,8 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
 
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            cache_class = AttnVariantLlamaShortcutCache if uses_shortcut_cache(self.config) else DynamicCache
+            past_key_values = cache_class(config=self.config)
 
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -252,7 +268,10 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids) if self.config.rope_enabled else None
 
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        # Pre-norm outputs of the shortcut's source layers, by layer index.
+        source_states = {}
+        shortcut_sources = set(self.shortcut.source_layers) if self.shortcut is not None else set()
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
@@ -261,6 +280,17 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
+            )
+            if layer_idx in shortcut_sources:
+                source_states[layer_idx] = hidden_states
+
+        if self.shortcut is not None:
+            hidden_states, _ = self.shortcut(
+                hidden_states,
+                *(source_states[layer_idx] for layer_idx in self.shortcut.source_layers),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
             )
 
         hidden_states = self.norm(hidden_states)
@@ -278,6 +308,17 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate` builds a `DynamicCache` of the model's L layers; a `depth_context` shortcut needs
+        `AttnVariantLlamaShortcutCache` (|S| more layers), so swap the default one. A user-passed cache is kept."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        is_default_cache = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+        if uses_shortcut_cache(self.config) and is_default_cache:
+            model_kwargs["past_key_values"] = AttnVariantLlamaShortcutCache(
+                config=self.config.get_text_config(decoder=True), offloading=cache.offloading
+            )
 
     @can_return_tuple
     def forward(

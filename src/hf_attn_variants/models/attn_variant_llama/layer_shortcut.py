@@ -1,0 +1,295 @@
+"""Layerwise attention shortcuts (Verma & Pilanci, arXiv 2409.10870): the final layer attends to intermediate layers.
+
+The shortcut reads the outputs h_l of the source layers l in S (`config.shortcut_sources`) and adds
+
+    o_proj(attention(q = q_proj(RMSNorm(h_final)), keys/values = k_proj/v_proj(s_l)))
+
+to the final layer's output, before the model's final norm, where s_l = RMSNorm_l(h_l) (optional) followed by
+s_l + MLP_l(s_l) (optional). `o_proj` is zero-initialised, so a model with a fresh shortcut computes exactly the
+function of the model without it (adding zeros is bit-exact), and gradients still reach `o_proj` at the first step.
+
+Two modes (`config.shortcut_mode`):
+
+- `"depth"`: token t attends over {s_l[t] : l in S}, a softmax over |S| items per head (fp32). No mask, no cache, no
+  position encoding (query and keys share the position). The key/value projections are folded into the query and the
+  mixed sources (q . W_k s_l = (W_k^T q) . s_l and sum_l a_l W_v s_l = W_v sum_l a_l s_l), so the cost is that of four
+  d x d projections per token however many sources there are.
+- `"depth_context"`: token t attends over {s_l[p] : l in S, p <= t, p not padding}, one softmax over |S| * t keys.
+  Computed exactly as one causal attention per source, merged by log-sum-exp (never a |S| * T key set per query).
+  Queries and keys get rotary embeddings of the token positions when the model uses RoPE. At decode time the keys and
+  values of every source are kept in |S| extra layers of the generation cache (`AttnVariantLlamaShortcutCache`).
+
+The attention weights returned with the output are (B, heads, T, |S|): the depth softmax in `"depth"` mode, the
+probability mass each source layer receives (summed over positions) in `"depth_context"` mode.
+
+This file is shipped as remote code: it imports only torch, transformers and its flat siblings.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import find_packed_sequence_indices
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, rotate_half
+
+from .configuration_attn_variant_llama import AttnVariantLlamaConfig
+
+# Linear layers tagged with this attribute are zero-initialised by `AttnVariantLlamaPreTrainedModel._init_weights`
+# (transformers would otherwise re-draw every nn.Linear from N(0, initializer_range) in `post_init`/`from_pretrained`).
+ZERO_INIT_ATTRIBUTE = "_attn_variant_zero_init"
+
+
+def zero_init_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free Linear that starts at zero and keeps that value through transformers' weight initialisation."""
+    linear = nn.Linear(in_features, out_features, bias=False)
+    nn.init.zeros_(linear.weight)
+    setattr(linear, ZERO_INIT_ATTRIBUTE, True)
+    return linear
+
+
+def uses_shortcut_cache(config: AttnVariantLlamaConfig) -> bool:
+    """Whether the model needs the extra cache layers of the `depth_context` shortcut at decode time."""
+    return bool(config.layer_shortcut) and config.shortcut_mode == "depth_context"
+
+
+class AttnVariantLlamaShortcutCache(DynamicCache):
+    """`DynamicCache` of the model's L layers followed by one layer per shortcut source (slot L + k for source k).
+
+    The extra slots are ordinary `DynamicLayer`s holding the shortcut's post-RoPE keys and values, so everything that
+    acts on all layers (`reorder_cache` for beam search, `crop`, `batch_repeat_interleave`, `batch_select_indices`)
+    keeps the shortcut in step with the model, and `get_seq_length()` (layer 0) is unchanged.
+    """
+
+    def __init__(self, config: AttnVariantLlamaConfig, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.num_model_layers = config.num_hidden_layers
+        if uses_shortcut_cache(config):
+            self.layers.extend(type(self.layers[0])() for _ in config.shortcut_sources)
+
+
+class ShortcutFeatureMLP(nn.Module):
+    """The paper's learned feature map of one source layer, as a residual: s + W_out SiLU(W_in s), W_out zero-init."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.in_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.out_proj = zero_init_linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.out_proj(nn.functional.silu(self.in_proj(hidden_states)))
+
+
+class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
+    r"""
+    Attention of the final layer's output over the outputs of the source layers; see the module docstring.
+
+    Args:
+        config (`AttnVariantLlamaConfig`):
+            Reads `shortcut_mode`, `shortcut_sources`, `shortcut_num_heads`, `shortcut_feature_mlp`,
+            `shortcut_normalize_sources`, `hidden_size`, `rms_norm_eps`, `num_hidden_layers` and `rope_enabled`.
+
+    Inputs:
+        hidden_states (`torch.Tensor`): (B, T, d) output of the final decoder layer (before the model's norm).
+        *source_states (`torch.Tensor`): one (B, T, d) output per source layer, in `config.shortcut_sources` order.
+            Positional, so reentrant activation checkpointing sees them as inputs.
+        attention_mask (`torch.Tensor`, *optional*): the model's 2D padding mask (B, past + T), 1 = real token, or a
+            4D boolean / additive mask. Only used in `depth_context` mode.
+        position_ids (`torch.LongTensor`, *optional*): (B or 1, T) token positions (RoPE and packed sequences).
+        past_key_values (`Cache`, *optional*): `depth_context` mode stores keys/values in layers L .. L + |S| - 1.
+
+    Returns:
+        `(hidden_states + shortcut, attention_weights)`, the weights of shape (B, heads, T, |S|) in float32 (float64 for a
+        float64 model).
+    """
+
+    def __init__(self, config: AttnVariantLlamaConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.mode = config.shortcut_mode
+        self.source_layers = config.shortcut_sources
+        self.num_model_layers = config.num_hidden_layers
+        self.num_heads = config.shortcut_num_heads or config.num_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+
+        self.query_norm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
+        self.source_norms = None
+        if config.shortcut_normalize_sources:
+            # Residual-stream norms grow with depth: without a per-source norm, deep sources dominate the keys.
+            self.source_norms = nn.ModuleList(
+                LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps) for _ in self.source_layers
+            )
+        self.feature_mlps = None
+        if config.shortcut_feature_mlp:
+            self.feature_mlps = nn.ModuleList(ShortcutFeatureMLP(hidden_size) for _ in self.source_layers)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = zero_init_linear(hidden_size, hidden_size)
+
+        self.rotary_emb = None
+        if self.mode == "depth_context" and config.rope_enabled:
+            # The shortcut's head size may differ from the model's: same RoPE settings, its own head_dim.
+            rope_config = copy.deepcopy(config)
+            rope_config.head_dim = self.head_dim
+            self.rotary_emb = LlamaRotaryEmbedding(config=rope_config)
+
+    def features(self, source_index: int, source: torch.Tensor) -> torch.Tensor:
+        """s_l: the (normalised, feature-mapped) source that keys and values are computed from."""
+        if self.source_norms is not None:
+            source = self.source_norms[source_index](source)
+        if self.feature_mlps is not None:
+            source = self.feature_mlps[source_index](source)
+        return source
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *source_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(source_states) != len(self.source_layers):
+            raise ValueError(f"Expected {len(self.source_layers)} source states, got {len(source_states)}.")
+        # With `device_map="auto"` the sources may live on other devices than the final layer.
+        sources = [self.features(k, s.to(hidden_states.device)) for k, s in enumerate(source_states)]
+        query = self.q_proj(self.query_norm(hidden_states))
+        if self.mode == "depth":
+            attn_output, attn_weights = self.depth_attention(query, sources)
+        else:
+            attn_output, attn_weights = self.depth_context_attention(
+                query, sources, attention_mask, position_ids, past_key_values
+            )
+        return hidden_states + self.o_proj(attn_output), attn_weights
+
+    def depth_attention(self, query: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the sources at the query's own position, with k_proj/v_proj folded into query and output."""
+        batch, length, hidden_size = query.shape
+        query = query.view(batch, length, self.num_heads, self.head_dim)
+        stacked_sources = torch.stack(sources, dim=2)  # (B, T, |S|, d)
+        key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
+        value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
+
+        query_in_source_space = torch.einsum("bthe,hed->bthd", query, key_weight)  # (W_k^T q) per head
+        scores = torch.einsum("bthd,btld->bthl", query_in_source_space, stacked_sources)
+        scores = scores.to(softmax_dtype(query.dtype)) * self.scaling
+        probabilities = scores.softmax(dim=-1)
+        mixed_sources = torch.einsum("bthl,btld->bthd", probabilities.to(query.dtype), stacked_sources)
+        attn_output = torch.einsum("bthd,hed->bthe", mixed_sources, value_weight).reshape(batch, length, hidden_size)
+        return attn_output, probabilities.transpose(1, 2)  # (B, heads, T, |S|)
+
+    def depth_context_attention(
+        self,
+        query: torch.Tensor,
+        sources: list[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One causal attention per source over its cached and new keys, merged by log-sum-exp into the joint softmax."""
+        batch, length, hidden_size = query.shape
+        heads_shape = (batch, length, self.num_heads, self.head_dim)
+        query = query.view(heads_shape).transpose(1, 2)  # (B, H, T, D)
+        if past_key_values is not None:
+            self.check_cache_has_source_slots(past_key_values)
+        if position_ids is None:
+            past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+            position_ids = torch.arange(past_length, past_length + length, device=query.device)[None]
+        position_embeddings = self.rotary_emb(query, position_ids) if self.rotary_emb is not None else None
+        if position_embeddings is not None:
+            query = apply_rope(query, *position_embeddings)
+
+        outputs, log_normalisers, mask = [], [], None
+        for source_index, source in enumerate(sources):
+            key = self.k_proj(source).view(heads_shape).transpose(1, 2)
+            value = self.v_proj(source).view(heads_shape).transpose(1, 2)
+            if position_embeddings is not None:
+                key = apply_rope(key, *position_embeddings)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.num_model_layers + source_index)
+            if mask is None:  # every source has the same key positions: build the mask once
+                # Like transformers, packed sequences are only detected without a cache (training).
+                packed_position_ids = position_ids if past_key_values is None else None
+                mask = context_mask(attention_mask, packed_position_ids, batch, length, key.shape[2], query.device)
+            output, log_normaliser = attention_with_log_normaliser(query, key, value, mask, self.scaling)
+            outputs.append(output)
+            log_normalisers.append(log_normaliser)
+
+        # Joint softmax over all (source, position) keys: source l's share is exp(lse_l - logsumexp_l lse_l).
+        log_normalisers = torch.stack(log_normalisers, dim=-1)  # (B, H, T, |S|)
+        total = log_normalisers.logsumexp(dim=-1, keepdim=True)
+        # Queries that see no key at all (left padding) get weight 0 instead of exp(-inf + inf) = NaN.
+        source_mass = torch.exp(log_normalisers - total.nan_to_num(neginf=0.0))
+        attn_output = sum(source_mass[..., k, None] * output for k, output in enumerate(outputs))
+        attn_output = attn_output.to(query.dtype).transpose(1, 2).reshape(batch, length, hidden_size)
+        return attn_output, source_mass
+
+    def check_cache_has_source_slots(self, past_key_values: Cache) -> None:
+        """Raise if the cache was built for the model's layers only (a lazily growing cache is fine)."""
+        needed = self.num_model_layers + len(self.source_layers)
+        grows = getattr(past_key_values, "layer_class_to_replicate", None) is not None
+        if len(past_key_values.layers) < needed and not grows:
+            raise ValueError(
+                "`shortcut_mode`='depth_context' stores keys/values of each source layer in the cache, but "
+                f"{type(past_key_values).__name__} has only {len(past_key_values.layers)} layers; pass "
+                "`AttnVariantLlamaShortcutCache(config)` (what the model and `generate` create by default)."
+            )
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmaxes run in float32 at least (bf16/fp16 scores lose the small weights), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, H, T, D) states with (B, T, D) cos/sin (Llama's formula, one tensor at a time)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return states * cos + rotate_half(states) * sin
+
+
+def context_mask(
+    attention_mask: torch.Tensor | None,
+    packed_position_ids: torch.LongTensor | None,
+    batch: int,
+    query_length: int,
+    key_length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, T_q, T_k) mask, True = may attend: causal (queries are the last T_q of the T_k positions),
+    minus padded keys (2D mask), or else within the same packed sequence (when `packed_position_ids` restart), or a
+    given 4D mask (boolean, or additive where 0 = attend)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask[..., -query_length:, -key_length:].to(device)
+    past_length = key_length - query_length
+    query_positions = torch.arange(past_length, key_length, device=device)
+    mask = (torch.arange(key_length, device=device)[None, :] <= query_positions[:, None])[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :key_length].to(device=device, dtype=torch.bool)
+    elif packed_position_ids is not None:
+        sequence_ids = find_packed_sequence_indices(packed_position_ids.expand(batch, -1).to(device))
+        if sequence_ids is not None:
+            mask = mask & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
+    return mask
+
+
+def attention_with_log_normaliser(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in float32 (or float64) returning (output (B, H, T_q, D), log-sum-exp of the scores (B, H, T_q)).
+
+    A query with every key masked gets output 0 and log-sum-exp -inf, so it adds nothing to the merge.
+    """
+    dtype = softmax_dtype(query.dtype)
+    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    log_normaliser = scores.logsumexp(dim=-1)
+    probabilities = torch.exp(scores - log_normaliser.nan_to_num(neginf=0.0)[..., None])
+    return torch.matmul(probabilities, value.to(dtype)), log_normaliser
+
+
+__all__ = ["AttnVariantLlamaLayerShortcut", "AttnVariantLlamaShortcutCache"]
