@@ -69,6 +69,26 @@ class AttnVariantLlamaShortcutCache(DynamicCache):
             self.layers.extend(type(self.layers[0])() for _ in config.shortcut_sources)
 
 
+class ShortcutSourceRMSNorm(nn.Module):
+    """One RMSNorm per source layer, all applied in one pass: weight (|S|, d) on stacked sources (..., |S|, d).
+
+    The formula is `LlamaRMSNorm`'s; one module instead of |S| saves kernel launches when decoding token by token.
+    "RMSNorm" in the class name makes transformers' `_init_weights` set the weight to ones.
+    """
+
+    def __init__(self, num_sources: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_sources, hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, stacked_sources: torch.Tensor) -> torch.Tensor:
+        input_dtype = stacked_sources.dtype
+        stacked_sources = stacked_sources.to(torch.float32)
+        variance = stacked_sources.pow(2).mean(-1, keepdim=True)
+        stacked_sources = stacked_sources * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * stacked_sources.to(input_dtype)
+
+
 class ShortcutFeatureMLP(nn.Module):
     """The paper's learned feature map of one source layer, as a residual: s + W_out SiLU(W_in s), W_out zero-init."""
 
@@ -115,12 +135,10 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         self.scaling = self.head_dim**-0.5
 
         self.query_norm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
-        self.source_norms = None
+        self.source_norm = None
         if config.shortcut_normalize_sources:
             # Residual-stream norms grow with depth: without a per-source norm, deep sources dominate the keys.
-            self.source_norms = nn.ModuleList(
-                LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps) for _ in self.source_layers
-            )
+            self.source_norm = ShortcutSourceRMSNorm(len(self.source_layers), hidden_size, config.rms_norm_eps)
         self.feature_mlps = None
         if config.shortcut_feature_mlp:
             self.feature_mlps = nn.ModuleList(ShortcutFeatureMLP(hidden_size) for _ in self.source_layers)
@@ -136,13 +154,15 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
             rope_config.head_dim = self.head_dim
             self.rotary_emb = LlamaRotaryEmbedding(config=rope_config)
 
-    def features(self, source_index: int, source: torch.Tensor) -> torch.Tensor:
-        """s_l: the (normalised, feature-mapped) source that keys and values are computed from."""
-        if self.source_norms is not None:
-            source = self.source_norms[source_index](source)
+    def source_features(self, source_states: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+        """s_l for every source, stacked (B, T, |S|, d): the (normalised, feature-mapped) inputs of keys and values."""
+        # With `device_map="auto"` the sources may live on other devices than the final layer.
+        stacked = torch.stack([source.to(device) for source in source_states], dim=2)
+        if self.source_norm is not None:
+            stacked = self.source_norm(stacked)
         if self.feature_mlps is not None:
-            source = self.feature_mlps[source_index](source)
-        return source
+            stacked = torch.stack([mlp(stacked[:, :, k]) for k, mlp in enumerate(self.feature_mlps)], dim=2)
+        return stacked
 
     def forward(
         self,
@@ -155,22 +175,20 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if len(source_states) != len(self.source_layers):
             raise ValueError(f"Expected {len(self.source_layers)} source states, got {len(source_states)}.")
-        # With `device_map="auto"` the sources may live on other devices than the final layer.
-        sources = [self.features(k, s.to(hidden_states.device)) for k, s in enumerate(source_states)]
+        stacked_sources = self.source_features(source_states, hidden_states.device)
         query = self.q_proj(self.query_norm(hidden_states))
         if self.mode == "depth":
-            attn_output, attn_weights = self.depth_attention(query, sources)
+            attn_output, attn_weights = self.depth_attention(query, stacked_sources)
         else:
             attn_output, attn_weights = self.depth_context_attention(
-                query, sources, attention_mask, position_ids, past_key_values
+                query, stacked_sources, attention_mask, position_ids, past_key_values
             )
         return hidden_states + self.o_proj(attn_output), attn_weights
 
-    def depth_attention(self, query: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def depth_attention(self, query: torch.Tensor, stacked_sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over the sources at the query's own position, with k_proj/v_proj folded into query and output."""
         batch, length, hidden_size = query.shape
         query = query.view(batch, length, self.num_heads, self.head_dim)
-        stacked_sources = torch.stack(sources, dim=2)  # (B, T, |S|, d)
         key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
         value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
 
@@ -185,7 +203,7 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
     def depth_context_attention(
         self,
         query: torch.Tensor,
-        sources: list[torch.Tensor],
+        stacked_sources: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         past_key_values: Cache | None,
@@ -203,19 +221,27 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         if position_embeddings is not None:
             query = apply_rope(query, *position_embeddings)
 
+        # Keys and values of all sources in one projection each (fewer, larger kernels); heads of source k are the
+        # k-th group of `num_heads` in dim 1. Every source gets the same token positions.
+        stacked_shape = (batch, length, len(self.source_layers) * self.num_heads, self.head_dim)
+        all_keys = self.k_proj(stacked_sources).view(stacked_shape).transpose(1, 2)  # (B, |S| H, T, D)
+        all_values = self.v_proj(stacked_sources).view(stacked_shape).transpose(1, 2)
+        if position_embeddings is not None:
+            all_keys = apply_rope(all_keys, *position_embeddings)
+
+        fused = use_fused_cpu_attention(query, all_keys, all_values)
         outputs, log_normalisers, mask = [], [], None
-        for source_index, source in enumerate(sources):
-            key = self.k_proj(source).view(heads_shape).transpose(1, 2)
-            value = self.v_proj(source).view(heads_shape).transpose(1, 2)
-            if position_embeddings is not None:
-                key = apply_rope(key, *position_embeddings)
+        per_source = zip(all_keys.split(self.num_heads, dim=1), all_values.split(self.num_heads, dim=1))
+        for source_index, (key, value) in enumerate(per_source):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.num_model_layers + source_index)
             if mask is None:  # every source has the same key positions: build the mask once
                 # Like transformers, packed sequences are only detected without a cache (training).
                 packed_position_ids = position_ids if past_key_values is None else None
                 mask = context_mask(attention_mask, packed_position_ids, batch, length, key.shape[2], query.device)
-            output, log_normaliser = attention_with_log_normaliser(query, key, value, mask, self.scaling)
+                kernel_mask = additive_mask(mask, query.dtype) if fused else mask
+            attention = fused_cpu_attention_with_log_normaliser if fused else attention_with_log_normaliser
+            output, log_normaliser = attention(query, key, value, kernel_mask, self.scaling)
             outputs.append(output)
             log_normalisers.append(log_normaliser)
 
@@ -224,6 +250,8 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         total = log_normalisers.logsumexp(dim=-1, keepdim=True)
         # Queries that see no key at all (left padding) get weight 0 instead of exp(-inf + inf) = NaN.
         source_mass = torch.exp(log_normalisers - total.nan_to_num(neginf=0.0))
+        if fused:  # the fused kernel reports log-sum-exp 0, not -inf, for a query without visible keys
+            source_mass = source_mass * mask.any(dim=-1, keepdim=True)
         attn_output = sum(source_mass[..., k, None] * output for k, output in enumerate(outputs))
         attn_output = attn_output.to(query.dtype).transpose(1, 2).reshape(batch, length, hidden_size)
         return attn_output, source_mass
@@ -280,16 +308,42 @@ def context_mask(
 def attention_with_log_normaliser(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention in float32 (or float64) returning (output (B, H, T_q, D), log-sum-exp of the scores (B, H, T_q)).
-
-    A query with every key masked gets output 0 and log-sum-exp -inf, so it adds nothing to the merge.
+    """Masked softmax attention in float32 (or float64) returning (output (B, H, T_q, D), log-sum-exp of the scores
+    (B, H, T_q)). Differentiable through both. A query with every key masked gets output 0 and log-sum-exp -inf, so
+    it adds nothing to the merge.
     """
     dtype = softmax_dtype(query.dtype)
     scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask, float("-inf"))
-    log_normaliser = scores.logsumexp(dim=-1)
-    probabilities = torch.exp(scores - log_normaliser.nan_to_num(neginf=0.0)[..., None])
-    return torch.matmul(probabilities, value.to(dtype)), log_normaliser
+    row_max = scores.amax(dim=-1, keepdim=True).detach().nan_to_num(neginf=0.0)  # detach: the result doesn't depend on it
+    weights = torch.exp(scores - row_max)
+    normaliser = weights.sum(dim=-1, keepdim=True)
+    output = torch.matmul(weights, value.to(dtype)) / normaliser.masked_fill(normaliser == 0, 1.0)
+    return output, (row_max + normaliser.log()).squeeze(-1)
+
+
+# PyTorch's fused CPU attention kernel also returns the log-sum-exp; it is an internal op, so it is optional.
+_FUSED_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def use_fused_cpu_attention(*tensors: torch.Tensor) -> bool:
+    """The fused kernel serves inference on CPU only: its log-sum-exp output has no gradient."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _FUSED_CPU_ATTENTION is not None and tensors[0].device.type == "cpu" and not needs_grad
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) as the additive 0 / -inf mask that the fused kernel takes."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def fused_cpu_attention_with_log_normaliser(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_log_normaliser` through the fused CPU kernel (`mask` additive, in the query's dtype)."""
+    output, log_normaliser = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)[:2]
+    dtype = softmax_dtype(query.dtype)
+    return output.to(dtype), log_normaliser.to(dtype)
 
 
 __all__ = ["AttnVariantLlamaLayerShortcut", "AttnVariantLlamaShortcutCache"]
