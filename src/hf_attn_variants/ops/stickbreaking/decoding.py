@@ -99,13 +99,14 @@ def _sb_decode_kernel(
     tl.store(lr_out + row_off, log_rem, mask=row_ok)
 
 
-def _pick_decode_blocks(rows: int, K: int, B: int, H: int, num_splits: Optional[int]):
+def _pick_decode_blocks(rows: int, K: int, d: int, B: int, H: int, num_splits: Optional[int]):
     block_m = min(_pow2(rows), 64)
     if IS_INTERPRET:
         block_n = min(_pow2(K), 128)
         target = 1
     else:
-        block_n = 64
+        # no register spills on sm_90 per ptxas (16-row tiles; not timed): 64-key tiles only for narrow heads
+        block_n = 64 if d <= 64 else 32
         target = 264  # ~2 waves of programs on a 132-SM GPU (unverified heuristic)
     if num_splits is None:
         num_splits = max(1, min(triton.cdiv(target, B * H * triton.cdiv(rows, block_m)), triton.cdiv(K, 256)))
@@ -151,7 +152,7 @@ def _sb_decode_impl(q, k, v, attention_mask, scale, attend_current, num_splits):
     B, HQ, Qn, D = q.shape
     H, Kn, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
-    block_m, block_n, chunk, nsplit = _pick_decode_blocks(G * Qn, Kn, B, H, num_splits or None)
+    block_m, block_n, chunk, nsplit = _pick_decode_blocks(G * Qn, Kn, max(D, DV), B, H, num_splits or None)
     acc = torch.empty(B, HQ, Qn, nsplit, DV, dtype=torch.float32, device=q.device)
     lr = torch.empty(B, HQ, Qn, nsplit, dtype=torch.float32, device=q.device)
     m, sm = _mask_args(attention_mask, (B, HQ, Qn, Kn), q.device)
@@ -163,7 +164,7 @@ def _sb_decode_impl(q, k, v, attention_mask, scale, attend_current, num_splits):
         Qn, Kn, H, chunk, nsplit,
         G=G, D=D, DV=DV, BLOCK_M=block_m, BLOCK_N=block_n,
         ATTEND_CURRENT=attend_current, HAS_MASK=attention_mask is not None,
-        **_launch_meta(q, D, DV),
+        **_launch_meta(q, D, DV, block_m),
     )
     # combine nearest-first: chunk c is scaled by the stick left by the chunks after it (c' > c);
     # suffix sums built by cumsum, never by subtracting from the total
