@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run in the Triton interpreter (~0.5 ms per tl op per program), so the CPU tier uses tiny
 shapes and one block per sequence, plus a few cases with forced 16x16 blocks (T = 40) that exercise the loops.
-Large shapes are GPU-only.
+Large shapes are GPU-only. Because the interpreter skips the GPU compiler's checks, one test also compiles every
+kernel for sm_90 ahead of time (no GPU needed), with the launchers' own GPU block choices.
 """
 
 import os

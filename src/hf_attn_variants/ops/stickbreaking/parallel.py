@@ -586,7 +586,12 @@ def parallel_stickbreaking_attn(
         cu_seqlens (Optional[torch.Tensor]): int32 `[N+1]` cumulative lengths `[0, l1, l1+l2, ...]` of N packed
             sequences; then B must be 1 and Q == K. Default: `None`.
 
-    Query i sits at key position K - Q + i (decode / chunked prefill over a cache).
+    Query i sits at key position K - Q + i (decode / chunked prefill over a cache). Without gradients, Q <= 16 and
+    K >= 512 this routes to the split-K kernel `decode_stickbreaking_attn`.
+
+    Memory: besides o and rem, the forward keeps an fp32 snapshot of the log-stick per (row, key block of
+    BLOCK_N keys), B * HQ * Q * ceil(K / BLOCK_N) floats, and the backward a second one of the same size. With
+    `cu_seqlens` the longest sequence is read on the host (one `.item()` sync, a graph break under torch.compile).
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in q.dtype.
