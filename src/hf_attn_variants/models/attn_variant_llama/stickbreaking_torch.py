@@ -1,0 +1,511 @@
+"""Stick-breaking attention in plain PyTorch, and its transformers attention-interface glue.
+
+Stick-breaking attention (Tan et al., arXiv 2410.17980, §2): with logits z_ij = s * q_i·k_j and break points
+beta_ij = sigmoid(z_ij), the nearest visible key takes its share of the stick first and farther keys get what is left:
+
+    A_ij  = beta_ij * prod_{j<l<i, l visible} (1 - beta_il)        o_i = sum_j A_ij v_j
+    rem_i = prod_{j visible} (1 - beta_ij) = 1 - sum_j A_ij
+
+In log space, with log(1 - beta) = -softplus(z), log A_ij = z_ij - sum_{l>=j, l visible} softplus(z_il): one inclusive
+reverse cumulative sum along the key axis. Masked keys do not break the stick (they add nothing to that sum).
+
+Layout (what transformers hands attention functions): q (B, HQ, Q, D), k (B, H, K, D), v (B, H, K, Dv) with
+HQ % H == 0 (GQA: query head h reads kv head h // (HQ // H)). Query i sits at key position K - Q + i, so decoding and
+chunked prefill over a KV cache are just Q < K. Key j is visible to query i iff j < K - Q + i (or j <= K - Q + i with
+`attend_current=True`) and `attention_mask` allows it.
+
+Three implementations share that contract:
+- `naive_stickbreaking_attn`: the reference, written from the formula with T x T tensors and plain autograd.
+- `blockwise_stickbreaking_attn`: exact, O(T * block) extra memory; blocks of keys are visited nearest-first so the
+  reverse cumulative sum becomes a running sum, and the backward recomputes blocks instead of storing weights.
+- `hf_attn_variants.ops.stickbreaking.parallel_stickbreaking_attn` (Triton, separate package, imported lazily).
+
+This file ships as HF remote code: it may import only torch, transformers and the standard library.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+
+__all__ = [
+    "naive_stickbreaking_attn",
+    "blockwise_stickbreaking_attn",
+    "stickbreaking_attention_forward",
+    "register_stickbreaking_attention",
+    "STICKBREAKING_ATTENTION_NAME",
+]
+
+STICKBREAKING_ATTENTION_NAME = "stickbreaking"
+REMAINDER_MODES = ("none", "value", "bias")
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV_VAR = "HF_ATTN_VARIANTS_SB_BACKEND"
+# 256 x 256 score blocks keep the two matmuls efficient on CPU while a block's temporaries
+# (B * HQ * 256 * 256 fp32 each) stay small next to q, k, v and o.
+DEFAULT_BLOCK_SIZE = 256
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks and shared helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_attention_inputs(q, k, v, attention_mask):
+    """Validate the public-op inputs; return (B, H, G, Q, K, D, Dv) with G = HQ // H query heads per kv head."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
+        if tensor.ndim != 4:
+            raise ValueError(
+                f"`{name}` must have 4 dimensions (batch, heads, length, head_dim), got shape {tuple(tensor.shape)}."
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), got {tensor.dtype}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"`q`, `k` and `v` must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
+    B, HQ, Q, D = q.shape
+    Bk, H, K, Dk = k.shape
+    Bv, Hv, Kv, Dv = v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"`q`, `k` and `v` must share the batch size, got {B}, {Bk} and {Bv}.")
+    if Hv != H or Kv != K:
+        raise ValueError(
+            f"`v` must have the same heads and length as `k` {(H, K)}, got {(Hv, Kv)} (v shape {tuple(v.shape)})."
+        )
+    if Dk != D:
+        raise ValueError(f"`k` head_dim must equal `q` head_dim {D}, got {Dk}.")
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"`q` heads ({HQ}) must be a multiple of `k`/`v` heads ({H}) for grouped-query attention.")
+    if Q > K:
+        raise ValueError(
+            f"`q` length ({Q}) must not exceed `k` length ({K}): query i sits at key position K - Q + i."
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+            got = attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"`attention_mask` must be a bool tensor (True = may attend), got {got}.")
+        try:
+            torch.broadcast_shapes(attention_mask.shape, (B, HQ, Q, K))
+        except RuntimeError:
+            raise ValueError(
+                f"`attention_mask` of shape {tuple(attention_mask.shape)} does not broadcast to (B, HQ, Q, K) = "
+                f"{(B, HQ, Q, K)}."
+            ) from None
+        if attention_mask.ndim > 4:
+            raise ValueError(f"`attention_mask` must have at most 4 dimensions, got shape {tuple(attention_mask.shape)}.")
+    return B, H, HQ // H, Q, K, D, Dv
+
+
+def _resolve_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"`scale` must be a finite number or None, got {scale!r}.")
+    return float(scale)
+
+
+def _compute_dtype(dtype):
+    # Low-precision inputs accumulate in fp32; float64 stays float64 so gradcheck and references are exact.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped_mask(attention_mask, H, G):
+    """View a bool mask broadcastable to (B, HQ, Q, K) as one broadcastable to (B, H, G, Q, K), without copying."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.reshape((1,) * (4 - attention_mask.ndim) + tuple(attention_mask.shape))
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(2)
+    return mask.unflatten(1, (H, G))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None):
+    r"""
+    Reference stick-breaking attention, written from the log-space formula with full (Q, K) tensors.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, HQ, Q, D]`.
+        k (torch.Tensor):
+            keys of shape `[B, H, K, D]`, `HQ % H == 0` (GQA), `Q <= K`; query i sits at key position `K - Q + i`.
+        v (torch.Tensor):
+            values of shape `[B, H, K, Dv]`.
+        scale (Optional[float]):
+            logit scale s in z = s * q·k. Default: `1 / sqrt(D)`.
+        attend_current (bool):
+            whether query i may attend to the key at its own position. Default: `False` (the official default).
+        attention_mask (Optional[torch.Tensor]):
+            bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
+
+    Returns:
+        o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
+        rem (torch.Tensor): `[B, HQ, Q]`, the unused stick `1 - sum_j A_ij`, in the dtype of `q`.
+    """
+    B, H, G, Q, K, D, Dv = _check_attention_inputs(q, k, v, attention_mask)
+    scale = _resolve_scale(scale, D)
+    dtype = _compute_dtype(q.dtype)
+    q5 = q.to(dtype).unflatten(1, (H, G))
+    k5 = k.to(dtype).unsqueeze(2)
+    v5 = v.to(dtype).unsqueeze(2)
+
+    query_pos = torch.arange(K - Q, K, device=q.device)[:, None]
+    key_pos = torch.arange(K, device=q.device)[None, :]
+    visible = key_pos <= query_pos if attend_current else key_pos < query_pos
+    if attention_mask is not None:
+        visible = visible & _grouped_mask(attention_mask, H, G)
+
+    # Hidden logits are zeroed (not -inf) so no inf ever reaches autograd; `visible` removes them explicitly.
+    z = torch.where(visible, scale * q5 @ k5.transpose(-1, -2), 0.0)
+    log_one_minus_beta = torch.where(visible, -F.softplus(z), 0.0)
+    # Inclusive reverse cumulative sum over keys: sum_{l >= j} log(1 - beta_il).
+    log_stick_from_j = log_one_minus_beta.flip(-1).cumsum(-1).flip(-1)
+    weights = torch.where(visible, torch.exp(z + log_stick_from_j), 0.0)
+    o = weights @ v5
+    rem = torch.exp(log_one_minus_beta.sum(-1))
+    return o.flatten(1, 2).to(q.dtype), rem.flatten(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blockwise (exact, O(T * block) memory)
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# Keys are handled in "distance order": r = K - 1 - j, so r = 0 is the newest key. Query i sees r >= Q - i - c, with
+# c = 1 if attend_current else 0. A query block [i0, i1) therefore needs keys r in [Q - i1 + 1 - c, K) (key blocks
+# above the causal band are never visited), and only its first key block straddles the band when key blocks are at
+# least as large as query blocks. Each key block is flipped on the fly (k[:, :, j0:j1].flip(-2), an n x D copy), so
+# the within-block reverse cumsum of the paper is a forward `cumsum_`, and the stick left over from nearer blocks is a
+# per-row running sum carried in the compute dtype.
+
+
+def _key_blocks(Q, K, i0, i1, attend_current, block_size):
+    """Yield (r0, r1, j0, j1): key blocks of one query block, nearest first, in distance and in key coordinates."""
+    first_visible = max(0, Q - i1 + 1 - int(attend_current))
+    for r0 in range(first_visible, K, block_size):
+        r1 = min(K, r0 + block_size)
+        yield r0, r1, K - r1, K - r0
+
+
+def _hidden_in_block(Q, i0, i1, r0, r1, attend_current, grouped_mask, j0, j1, device):
+    """Bool tensor broadcastable to (B, H, G, i1-i0, r1-r0), True where a key is hidden; None when all are visible."""
+    hidden = None
+    # Query i0 + a sees key r0 + b iff a + b >= Q - c - i0 - r0 (see the distance-order comment above).
+    band_threshold = Q - int(attend_current) - i0 - r0
+    if band_threshold > 0:
+        rows = torch.arange(i1 - i0, device=device)[:, None]
+        cols = torch.arange(r1 - r0, device=device)[None, :]
+        hidden = rows + cols < band_threshold
+    if grouped_mask is not None:
+        mask = grouped_mask
+        if mask.shape[-2] != 1:
+            mask = mask[..., i0:i1, :]
+        if mask.shape[-1] != 1:
+            mask = mask[..., j0:j1].flip(-1)
+        hidden = ~mask if hidden is None else hidden | ~mask
+    return hidden
+
+
+def _log_negligible(dtype):
+    """-log(tiny) - 1 (86 in fp32): past this |logit| beta is 0 or 1, and below this log-weight a weight is nothing."""
+    return -math.log(torch.finfo(dtype).tiny) - 1.0
+
+
+def _stick_exhausted(log_stick):
+    """True when every row's remaining stick is below ~1e-37 (fp32): farther keys then get weights below that too.
+
+    Stopping there is exact to that size and also keeps the backward from summing rounding noise over far keys whose
+    true gradient is ~0 (it computes their farther-key sums as row total minus nearer sum).
+    """
+    return log_stick.numel() > 0 and log_stick.max().item() <= -_log_negligible(log_stick.dtype)
+
+
+def _block_weights(neg_q_block, k_block, log_stick, hidden):
+    """
+    Stick-breaking weights of one (query block, key block) pair.
+
+    neg_q_block (B, H, G*m, D) holds -s * q; k_block (B, H, n, D) keys nearest first; log_stick (B, H, G, m) log of
+    the stick left by nearer key blocks. Returns (negated logits, weights, log_stick after this block), the first two
+    (B, H, G, m, n). Hidden keys get -z = +inf: log(1 - beta) = log(sigmoid(+inf)) = 0, so they break nothing.
+    """
+    neg_logits = (neg_q_block @ k_block.transpose(-1, -2)).unflatten(2, log_stick.shape[2:])
+    # log(1 - beta) = log(sigmoid(-z)) is accurate for every z and costs less than softplus on CPU. Clamping |z| at
+    # -log(tiny) - 1 (86 in fp32) keeps sigmoid on CPU's fast path (it slows down 10x where exp underflows) and its
+    # output normal; beyond that bound beta is 0 or 1 to working precision, so weights and remainder move by < 1e-37.
+    max_abs_logit = _log_negligible(neg_logits.dtype)
+    neg_logits.clamp_(-max_abs_logit, max_abs_logit)
+    if hidden is not None:
+        neg_logits.masked_fill_(hidden, math.inf)
+    log_stick_after = torch.sigmoid(neg_logits).log_()
+    log_stick_after[..., 0] += log_stick
+    log_stick_after.cumsum_(-1)  # log of the stick left after each key, nearer blocks and keys included
+    new_log_stick = log_stick_after[..., -1].clone()
+    # log A_r = z_r + log(stick after r) = log beta_r + log(stick before r).
+    log_weights = log_stick_after.sub_(neg_logits)
+    # CPU `exp` takes a slow path (10-30x) for inputs that underflow to subnormals or zero, and far keys live there.
+    # Flooring log A at -max_abs_logit changes each weight by less than ~1e-37 (fp32).
+    weights = log_weights.clamp_min_(-max_abs_logit).exp_()
+    if hidden is not None:
+        weights.masked_fill_(hidden, 0.0)
+    return neg_logits, weights, new_log_stick
+
+
+def _query_block_rows(x5, i0, i1, factor=None):
+    """Rows [i0, i1) of a (B, H, G, Q, X) tensor as a contiguous (B, H, G*m, X) block, optionally multiplied."""
+    rows = x5[:, :, :, i0:i1]
+    rows = rows * factor if factor is not None else rows.contiguous()
+    return rows.flatten(2, 3)
+
+
+def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size):
+    """q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv) in the compute dtype -> o (B, H, G, Q, Dv), log_rem (B, H, G, Q)."""
+    B, H, G, Q, _ = q5.shape
+    K, Dv = v.shape[-2:]
+    o = q5.new_zeros(B, H, G, Q, Dv)
+    log_rem = q5.new_zeros(B, H, G, Q)
+    for i0 in range(0, Q, block_size):
+        i1 = min(Q, i0 + block_size)
+        neg_q_block = _query_block_rows(q5, i0, i1, -scale)
+        o_block = o.new_zeros(B, H, G * (i1 - i0), Dv)
+        log_stick = o.new_zeros(B, H, G, i1 - i0)
+        for r0, r1, j0, j1 in _key_blocks(Q, K, i0, i1, attend_current, block_size):
+            if _stick_exhausted(log_stick):
+                break
+            hidden = _hidden_in_block(Q, i0, i1, r0, r1, attend_current, grouped_mask, j0, j1, q5.device)
+            _, weights, log_stick = _block_weights(neg_q_block, k[:, :, j0:j1].flip(-2), log_stick, hidden)
+            o_block += weights.flatten(2, 3) @ v[:, :, j0:j1].flip(-2)
+        o[:, :, :, i0:i1] = o_block.unflatten(2, (G, i1 - i0))
+        log_rem[:, :, :, i0:i1] = log_stick
+    return o, log_rem
+
+
+def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, grouped_mask, block_size):
+    """
+    Gradients of the blockwise forward; everything is in the compute dtype and in the (B, H, G, Q, X) layout.
+
+    With g_ij = A_ij (do_i·v_j - drem_i) the gradient w.r.t. log A_ij, the logit gradient is
+    dz_ij = g_ij - beta_ij * sum_{l farther than or equal to j} g_il: z_ij enters log A_ij directly, and through
+    log(1 - beta_ij) = -softplus(z_ij) (derivative -beta_ij) it enters log A_il of j itself and of every farther key l.
+    The farther-or-equal sum equals total_i - (sum over strictly nearer keys), and the row total is known up front:
+    sum_j g_ij = do_i·o_i - drem_i (1 - rem_i). So keys are again visited nearest first with a running sum.
+    """
+    B, H, G, Q, D = q5.shape
+    K = k.shape[-2]
+    dq = torch.zeros_like(q5)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    row_total = (do5 * o5).sum(-1) - drem5 * (1.0 - rem5)
+    for i0 in range(0, Q, block_size):
+        i1 = min(Q, i0 + block_size)
+        m = i1 - i0
+        neg_q_block = _query_block_rows(q5, i0, i1, -scale)
+        do_block = _query_block_rows(do5, i0, i1)
+        drem_block = drem5[:, :, :, i0:i1, None]
+        row_total_block = row_total[:, :, :, i0:i1]
+        dq_block = torch.zeros_like(neg_q_block)
+        log_stick = torch.zeros_like(row_total_block)
+        nearer_grad = torch.zeros_like(row_total_block)  # sum of g over keys in nearer blocks
+        for r0, r1, j0, j1 in _key_blocks(Q, K, i0, i1, attend_current, block_size):
+            if _stick_exhausted(log_stick):
+                break
+            hidden = _hidden_in_block(Q, i0, i1, r0, r1, attend_current, grouped_mask, j0, j1, q5.device)
+            k_block = k[:, :, j0:j1].flip(-2)
+            v_block = v[:, :, j0:j1].flip(-2)
+            neg_logits, weights, log_stick = _block_weights(neg_q_block, k_block, log_stick, hidden)
+            grad_log_weights = (do_block @ v_block.transpose(-1, -2)).unflatten(2, (G, m))
+            grad_log_weights.sub_(drem_block).mul_(weights)  # g
+            # Strictly-nearer sum minus the row total = -(sum over farther-or-equal keys).
+            nearer_minus_total = grad_log_weights.cumsum(-1)
+            block_total = nearer_minus_total[..., -1].clone()
+            nearer_minus_total.sub_(grad_log_weights).add_((nearer_grad - row_total_block)[..., None])
+            nearer_grad += block_total
+            beta = neg_logits.neg_().sigmoid_()
+            grad_logits = grad_log_weights.addcmul_(beta, nearer_minus_total).flatten(2, 3)
+            dq_block += grad_logits @ k_block
+            # neg_q_block is -s * q, so this subtracts -s * dz^T q, summed over the G query heads of each kv head.
+            dk[:, :, j0:j1] -= (grad_logits.transpose(-1, -2) @ neg_q_block).flip(-2)
+            dv[:, :, j0:j1] += (weights.flatten(2, 3).transpose(-1, -2) @ do_block).flip(-2)
+        dq[:, :, :, i0:i1] = dq_block.unflatten(2, (G, m))
+    dq *= scale
+    return dq, dk, dv
+
+
+class BlockwiseStickBreakingFunction(torch.autograd.Function):
+    """Autograd wrapper: saves only q, k, v, o and the per-row log-remainder; the backward recomputes blocks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size):
+        B, HQ, Q, D = q.shape
+        H = k.shape[1]
+        G = HQ // H
+        dtype = _compute_dtype(q.dtype)
+        grouped_mask = _grouped_mask(attention_mask, H, G)
+        q5 = q.to(dtype).unflatten(1, (H, G))
+        k_c, v_c = k.to(dtype), v.to(dtype)
+        o5, log_rem5 = _blockwise_forward(q5, k_c, v_c, scale, attend_current, grouped_mask, block_size)
+        rem5 = log_rem5.exp()
+        ctx.save_for_backward(q, k, v, o5, rem5, attention_mask)
+        ctx.scale, ctx.attend_current, ctx.block_size = scale, attend_current, block_size
+        return o5.flatten(1, 2).to(q.dtype), rem5.flatten(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do, drem):
+        q, k, v, o5, rem5, attention_mask = ctx.saved_tensors
+        H, G = k.shape[1], q.shape[1] // k.shape[1]
+        dtype = o5.dtype
+        do5 = torch.zeros_like(o5) if do is None else do.to(dtype).unflatten(1, (H, G))
+        drem5 = torch.zeros_like(rem5) if drem is None else drem.to(dtype).unflatten(1, (H, G))
+        dq5, dk, dv = _blockwise_backward(
+            do5, drem5, q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype), o5, rem5,
+            ctx.scale, ctx.attend_current, _grouped_mask(attention_mask, H, G), ctx.block_size,
+        )
+        return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, block_size=None):
+    r"""
+    Exact stick-breaking attention in blocks: O(T * block_size) extra memory, deterministic, fp32 accumulation.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, HQ, Q, D]` (float16, bfloat16, float32 or float64).
+        k (torch.Tensor):
+            keys of shape `[B, H, K, D]`, `HQ % H == 0` (GQA, K/V never repeated), `Q <= K`; query i sits at key
+            position `K - Q + i`.
+        v (torch.Tensor):
+            values of shape `[B, H, K, Dv]`.
+        scale (Optional[float]):
+            logit scale s in z = s * q·k. Default: `1 / sqrt(D)`.
+        attend_current (bool):
+            whether query i may attend to the key at its own position. Default: `False`.
+        attention_mask (Optional[torch.Tensor]):
+            bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
+        block_size (Optional[int]):
+            rows and keys per block. Default: `256`.
+
+    Returns:
+        o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
+        rem (torch.Tensor): `[B, HQ, Q]`, the unused stick `1 - sum_j A_ij`, in the dtype of `q`.
+    """
+    _, _, _, _, _, D, _ = _check_attention_inputs(q, k, v, attention_mask)
+    scale = _resolve_scale(scale, D)
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+    return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers glue
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _bool_attention_mask(attention_mask):
+    """transformers hands either None, a bool mask (True = attend) or an additive float mask (0 = attend)."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    if not attention_mask.is_floating_point():
+        raise ValueError(f"`attention_mask` must be None, bool or floating point, got {attention_mask.dtype}.")
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _select_attention_op(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"`stickbreaking_backend` (or ${BACKEND_ENV_VAR}) must be one of {BACKENDS}, got {backend!r}."
+        )
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return blockwise_stickbreaking_attn
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"`stickbreaking_backend='triton'` needs CUDA tensors (got device {device}) or TRITON_INTERPRET=1; "
+            "use 'auto' or 'torch' on CPU."
+        )
+    try:
+        from hf_attn_variants.ops.stickbreaking import parallel_stickbreaking_attn
+    except ImportError as error:
+        if backend == "triton":
+            raise ImportError(
+                "`stickbreaking_backend='triton'` needs the `hf_attn_variants` package with Triton installed "
+                "(pip install 'hf-attn-variants[triton]')."
+            ) from error
+        return blockwise_stickbreaking_attn
+    return parallel_stickbreaking_attn
+
+
+def stickbreaking_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    r"""
+    transformers `AttentionInterface` function for stick-breaking attention (registered as `"stickbreaking"`).
+
+    Options come from `module.config` with defaults, so stock `LlamaAttention` works unchanged:
+    `stickbreaking_attend_current` (False), `stickbreaking_remainder` ("none" | "value" | "bias"),
+    `stickbreaking_scale` (None -> `scaling` -> 1/sqrt(D)) and `stickbreaking_backend` ("auto" | "torch" | "triton";
+    the environment variable `HF_ATTN_VARIANTS_SB_BACKEND` overrides it). Rotary embeddings applied by the caller are
+    left as they are (the paper's models use none).
+
+    Args:
+        module (torch.nn.Module):
+            the attention module; for remainder "bias" it owns `stickbreaking_remainder_bias` of shape `[HQ, Dv]`.
+        query (torch.Tensor): `[B, HQ, Q, D]`.
+        key (torch.Tensor): `[B, H, K, D]`, the whole cache when decoding (query i sits at key position K - Q + i).
+        value (torch.Tensor): `[B, H, K, Dv]`.
+        attention_mask (Optional[torch.Tensor]):
+            None (causal), a bool mask broadcastable to `[B, HQ, Q, K]` (True = attend), or an additive float mask.
+        dropout (float): must be 0; attention dropout is not supported.
+        scaling (Optional[float]): the module's softmax scale, used when the config sets no `stickbreaking_scale`.
+
+    Returns:
+        attn_output (torch.Tensor): `[B, Q, HQ, Dv]`, contiguous.
+        attn_weights (None): always None, also with `output_attentions=True` (weights are never materialised).
+    """
+    if dropout:
+        raise ValueError(f"`dropout` is not supported by stick-breaking attention, got {dropout!r}; set it to 0.")
+    config = getattr(module, "config", None)
+    attend_current = bool(getattr(config, "stickbreaking_attend_current", False))
+    remainder = getattr(config, "stickbreaking_remainder", "none")
+    if remainder not in REMAINDER_MODES:
+        raise ValueError(f"`stickbreaking_remainder` must be one of {REMAINDER_MODES}, got {remainder!r}.")
+    backend = os.environ.get(BACKEND_ENV_VAR) or getattr(config, "stickbreaking_backend", "auto")
+    B, H, G, Q, K, D, Dv = _check_attention_inputs(query, key, value, None)
+    scale = getattr(config, "stickbreaking_scale", None)
+    if scale is None:
+        scale = scaling
+    scale = _resolve_scale(scale, D)
+
+    attention_op = _select_attention_op(backend, query.device)
+    o, rem = attention_op(
+        query, key, value, scale=scale, attend_current=attend_current,
+        attention_mask=_bool_attention_mask(attention_mask),
+    )
+    if remainder == "value":
+        # The leftover stick goes to the value at the query's own key position (K - Q + i), shared within a GQA group.
+        own_value = value[:, :, K - Q :].unsqueeze(2)
+        o = (o.unflatten(1, (H, G)) + rem.unflatten(1, (H, G)).unsqueeze(-1) * own_value).flatten(1, 2)
+    elif remainder == "bias":
+        bias = getattr(module, "stickbreaking_remainder_bias", None)
+        if bias is None or tuple(bias.shape) != (H * G, Dv):
+            got = None if bias is None else tuple(bias.shape)
+            raise ValueError(
+                f"`stickbreaking_remainder='bias'` needs `module.stickbreaking_remainder_bias` of shape {(H * G, Dv)}, "
+                f"got {got}."
+            )
+        o = o + rem.unsqueeze(-1) * bias.to(o.dtype)[None, :, None, :]
+    return o.transpose(1, 2).contiguous(), None
+
+
+def register_stickbreaking_attention():
+    """Register `"stickbreaking"` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(STICKBREAKING_ATTENTION_NAME, stickbreaking_attention_forward)
+    # Without a mask function transformers builds no mask at all and padding would be silently ignored.
+    AttentionMaskInterface.register(STICKBREAKING_ATTENTION_NAME, sdpa_mask)
+
+
+register_stickbreaking_attention()
