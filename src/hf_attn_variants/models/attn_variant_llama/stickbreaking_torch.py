@@ -20,6 +20,14 @@ Three implementations share that contract:
   reverse cumulative sum becomes a running sum, and the backward recomputes blocks instead of storing weights.
 - `hf_attn_variants.ops.stickbreaking.parallel_stickbreaking_attn` (Triton, separate package, imported lazily).
 
+Numerics of the blockwise op (fp32 compute for fp16/bf16/fp32 inputs, fp64 for fp64):
+- log(1 - beta) is computed as log(sigmoid(-z)); |z| is clamped at -log(tiny) - 1 (86 in fp32, 707 in fp64) and
+  log-weights are floored there, which moves any weight by < 1e-37 (fp32) and keeps CPU exp/sigmoid off their slow
+  subnormal path.
+- A query block stops visiting keys once every row's stick is below that floor (exact to the same size).
+- The backward gets each key's "farther keys" gradient sum as (row total - nearer sum), with the row total
+  do·o - drem·(1 - rem) from saved outputs; the absolute error is ~eps * |sum_j g_ij| per key.
+
 This file ships as HF remote code: it may import only torch, transformers and the standard library.
 """
 
@@ -338,7 +346,7 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
 
 
 class BlockwiseStickBreakingFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only q, k, v, o and the per-row log-remainder; the backward recomputes blocks."""
+    """Autograd wrapper: saves q, k, v, o (compute dtype) and rem, nothing of size T x T; the backward recomputes."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size):
@@ -372,6 +380,9 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
 def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, block_size=None):
     r"""
     Exact stick-breaking attention in blocks: O(T * block_size) extra memory, deterministic, fp32 accumulation.
+
+    Key blocks are visited nearest first and blocks above the causal band are skipped; the backward recomputes the
+    weights block by block from q, k, v, o and rem. See the module docstring for the numerics.
 
     Args:
         q (torch.Tensor):
