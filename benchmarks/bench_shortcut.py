@@ -5,7 +5,7 @@ Timed: prefill of a T-token prompt (logits of the last token only, as `generate`
 tokens with the cache after that prefill. Every number is the median of `--repeats` runs, the variants interleaved
 round-robin so that machine drift hits them alike; ratios compare numbers from this run only.
 
-    python benchmarks/bench_shortcut.py [--T 512] [--decode 32] [--repeats 7] [--device cpu]
+    python benchmarks/bench_shortcut.py [--T 512] [--decode 32] [--repeats 15] [--device cpu] [--threads 1]
 """
 
 import argparse
@@ -70,9 +70,12 @@ def main():
     parser.add_argument("--T", type=int, default=512, help="prompt length")
     parser.add_argument("--decode", type=int, default=32, help="tokens decoded with the cache")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models = {name: build(extra, args.device) for name, extra in VARIANTS.items()}
     ids = torch.randint(3, MODEL["vocab_size"], (args.batch, args.T), generator=torch.Generator().manual_seed(0))

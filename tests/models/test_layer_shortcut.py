@@ -63,6 +63,9 @@ def test_fresh_shortcut_leaves_logits_bit_identical(mode, dtype):
     ids = random_ids()
     with torch.no_grad():
         assert torch.equal(plain.to(dtype)(ids).logits, with_shortcut.to(dtype)(ids).logits)
+        with_shortcut.model.shortcut.o_proj.weight.normal_(std=0.3)
+        logits = with_shortcut(ids).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("mode", MODES)

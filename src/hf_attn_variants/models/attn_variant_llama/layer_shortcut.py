@@ -64,7 +64,6 @@ class AttnVariantLlamaShortcutCache(DynamicCache):
 
     def __init__(self, config: AttnVariantLlamaConfig, **kwargs):
         super().__init__(config=config, **kwargs)
-        self.num_model_layers = config.num_hidden_layers
         if uses_shortcut_cache(config):
             self.layers.extend(type(self.layers[0])() for _ in config.shortcut_sources)
 
