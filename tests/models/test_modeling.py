@@ -169,4 +169,8 @@ def test_from_pretrained_dtype_and_state_dict_round_trip(tmp_path):
     assert isinstance(reloaded, AttnVariantLlamaForCausalLM) and reloaded.dtype == torch.bfloat16
     ids = random_ids()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.float()(ids).logits, family(ids).logits)
+        expected = family(ids).logits
+        for name, param in family.named_parameters():
+            assert torch.equal(reloaded.get_parameter(name), param.to(torch.bfloat16)), name
+        # Weights are identical; the logits differ only by bf16 rounding of the activations.
+        torch.testing.assert_close(reloaded(ids).logits.float(), expected, rtol=0.05, atol=0.02)
