@@ -166,10 +166,12 @@ def naive_shortcut(shortcut, hidden_states, sources, attention_mask, position_id
     """Reference: one softmax over the concatenation of all sources' keys (|S| * T) under a block-causal mask."""
     batch, length, hidden_size = hidden_states.shape
     heads = (batch, length, shortcut.num_heads, shortcut.head_dim)
+    kv_heads = (batch, length, shortcut.num_kv_heads, shortcut.head_dim)
+    groups = shortcut.num_heads // shortcut.num_kv_heads  # grouped-query attention: head h reads kv head h // groups
     query = shortcut.q_proj(shortcut.query_norm(hidden_states)).view(heads).transpose(1, 2)
     features = shortcut.source_features(tuple(sources), hidden_states.device).unbind(dim=2)
-    keys = [shortcut.k_proj(f).view(heads).transpose(1, 2) for f in features]
-    values = [shortcut.v_proj(f).view(heads).transpose(1, 2) for f in features]
+    keys = [shortcut.k_proj(f).view(kv_heads).transpose(1, 2).repeat_interleave(groups, dim=1) for f in features]
+    values = [shortcut.v_proj(f).view(kv_heads).transpose(1, 2).repeat_interleave(groups, dim=1) for f in features]
     if shortcut.mode == "depth":
         scores = torch.stack([(query * key).sum(-1) for key in keys], dim=-1) * shortcut.scaling
         output = (scores.softmax(-1)[..., None] * torch.stack(values, dim=-2)).sum(-2)
@@ -185,10 +187,20 @@ def naive_shortcut(shortcut, hidden_states, sources, attention_mask, position_id
     return hidden_states + shortcut.o_proj(output.transpose(1, 2).reshape(batch, length, hidden_size))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(shortcut_feature_mlp=True, shortcut_num_heads=2, shortcut_num_key_value_heads=2),
+        dict(shortcut_feature_mlp=True, shortcut_num_heads=4, shortcut_num_key_value_heads=2),  # GQA, feature MLPs
+        dict(shortcut_num_heads=4, shortcut_num_key_value_heads=1),  # GQA, the folded source norm of `depth`
+        dict(shortcut_normalize_sources=False),  # model default: 4 heads, 2 key/value heads
+    ],
+    ids=["mha_mlp", "gqa_mlp", "mqa_norm", "gqa_plain"],
+)
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd_path", "inference_path"])
 @pytest.mark.parametrize("mode", MODES)
-def test_shortcut_equals_naive_concatenated_attention_in_float64(mode, grad):
-    config = AttnVariantLlamaConfig(**shortcut_kwargs(mode, shortcut_feature_mlp=True, shortcut_num_heads=2))
+def test_shortcut_equals_naive_concatenated_attention_in_float64(mode, grad, overrides):
+    config = AttnVariantLlamaConfig(**shortcut_kwargs(mode, **overrides))
     torch.manual_seed(0)
     shortcut = AttnVariantLlamaLayerShortcut(config).double()
     for parameter in shortcut.parameters():  # every weight non-trivial, including the zero-initialised ones
@@ -210,9 +222,15 @@ def test_shortcut_equals_naive_concatenated_attention_in_float64(mode, grad):
 # --- cache and generation --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kv_heads", [None, 4, 1], ids=["default_kv", "mha", "mqa"])
 @pytest.mark.parametrize("mode", MODES)
-def test_incremental_decoding_with_cache_equals_full_forward(mode):
-    model = build_model(mode, dtype=torch.float64)
+def test_incremental_decoding_with_cache_equals_full_forward(mode, kv_heads):
+    model = build_model(mode, dtype=torch.float64, shortcut_num_key_value_heads=kv_heads)
+    shortcut = model.model.shortcut
+    expected_kv_heads = kv_heads or 2  # None: the model's 4 heads / 2 key/value heads
+    assert shortcut.num_kv_heads == expected_kv_heads
+    assert shortcut.k_proj.weight.shape == shortcut.v_proj.weight.shape == (expected_kv_heads * 8, 32)
+    assert shortcut.q_proj.weight.shape == shortcut.o_proj.weight.shape == (32, 32)
     ids = random_ids(length=10)
     with torch.no_grad():
         full = model(ids).logits
@@ -226,6 +244,7 @@ def test_incremental_decoding_with_cache_equals_full_forward(mode):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-12)
     if mode == "depth_context":
         assert len(cache.layers) == 3 + 2 and cache.layers[3].get_seq_length() == 10 == cache.get_seq_length()
+        assert cache.layers[3].keys.shape == cache.layers[4].values.shape == (2, expected_kv_heads, 10, 8)
 
 
 def test_crop_keeps_shortcut_cache_consistent():
@@ -326,11 +345,33 @@ def test_output_attentions_ends_with_the_shortcut_attention(mode):
         (dict(shortcut_source_layers=[2]), r"`shortcut_source_layers`=\[2\].*before the final layer 2.*invalid: \[2\]"),
         (dict(shortcut_mode="sideways"), r"`shortcut_mode`='sideways' is not supported"),
         (dict(shortcut_num_heads=5), r"`shortcut_num_heads`=5 must divide `hidden_size`=32"),
+        (dict(shortcut_num_key_value_heads=3), r"`shortcut_num_key_value_heads`=3 must divide .*=4"),
+        (dict(shortcut_num_heads=2, shortcut_num_key_value_heads=4), r"`shortcut_num_key_value_heads`=4 .*=2"),
+        (dict(shortcut_num_key_value_heads=0), r"`shortcut_num_key_value_heads` must be a positive integer, got 0"),
     ],
 )
 def test_bad_shortcut_configuration_is_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         AttnVariantLlamaConfig(**shortcut_kwargs("depth", **overrides))
+
+
+@pytest.mark.parametrize(
+    "model_heads, model_kv_heads, shortcut_heads, expected",
+    [(4, 2, None, 2), (4, 4, None, 4), (4, 1, None, 1), (4, 2, 8, 4), (4, 2, 2, 1), (4, 2, 1, 1), (9, 3, None, 3),
+     (9, 3, 3, 1), (8, 4, 2, 1), (4, None, 2, 2)],
+)
+def test_default_shortcut_key_value_heads_keeps_the_model_ratio(model_heads, model_kv_heads, shortcut_heads, expected):
+    config = AttnVariantLlamaConfig(
+        **shortcut_kwargs(
+            "depth",
+            hidden_size=8 * model_heads,
+            num_attention_heads=model_heads,
+            num_key_value_heads=model_kv_heads,
+            shortcut_num_heads=shortcut_heads,
+        )
+    )
+    assert config.shortcut_num_key_value_heads is None and config.shortcut_key_value_heads == expected
+    assert config.shortcut_heads % expected == 0
 
 
 # --- remote code -----------------------------------------------------------------------------------------------------

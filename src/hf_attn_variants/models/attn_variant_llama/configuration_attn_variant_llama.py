@@ -45,6 +45,12 @@ class AttnVariantLlamaConfig(LlamaConfig):
             `None` means every intermediate layer, `0 .. num_hidden_layers - 2`.
         shortcut_num_heads (`int`, *optional*):
             Heads of the shortcut attention; `None` uses `num_attention_heads`. Must divide `hidden_size`.
+        shortcut_num_key_value_heads (`int`, *optional*):
+            Key/value heads of the shortcut attention (grouped-query attention): `k_proj`/`v_proj` output
+            `shortcut_num_key_value_heads * head_dim` features and, in `"depth_context"` mode, each source's cache
+            layer holds that many heads. Must divide the shortcut's heads. `None` keeps the model's ratio of query to
+            key/value heads: `shortcut_heads * num_key_value_heads // num_attention_heads` (at least 1), lowered to
+            the nearest divisor of the shortcut's heads; with `shortcut_num_heads=None` that is `num_key_value_heads`.
         shortcut_feature_mlp (`bool`, *optional*, defaults to `False`):
             Pass each source through its own residual feature MLP (the paper's feature maps) before keys and values.
         shortcut_normalize_sources (`bool`, *optional*, defaults to `True`):
@@ -63,6 +69,7 @@ class AttnVariantLlamaConfig(LlamaConfig):
     shortcut_mode: str = "depth"
     shortcut_source_layers: list[int] | None = None
     shortcut_num_heads: int | None = None
+    shortcut_num_key_value_heads: int | None = None
     shortcut_feature_mlp: bool = False
     shortcut_normalize_sources: bool = True
 
@@ -70,7 +77,7 @@ class AttnVariantLlamaConfig(LlamaConfig):
         # Validate before LlamaConfig fills defaults, so errors name the field the user actually set.
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _require_positive(name, getattr(self, name))
-        for name in ("num_key_value_heads", "head_dim", "shortcut_num_heads"):
+        for name in ("num_key_value_heads", "head_dim", "shortcut_num_heads", "shortcut_num_key_value_heads"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads != 0:
@@ -91,6 +98,12 @@ class AttnVariantLlamaConfig(LlamaConfig):
         if self.shortcut_num_heads is not None and self.hidden_size % self.shortcut_num_heads != 0:
             raise ValueError(
                 f"`shortcut_num_heads`={self.shortcut_num_heads} must divide `hidden_size`={self.hidden_size}."
+            )
+        shortcut_heads = self.shortcut_num_heads or self.num_attention_heads
+        if self.shortcut_num_key_value_heads is not None and shortcut_heads % self.shortcut_num_key_value_heads != 0:
+            raise ValueError(
+                f"`shortcut_num_key_value_heads`={self.shortcut_num_key_value_heads} must divide the shortcut's heads "
+                f"(`shortcut_num_heads`, else `num_attention_heads`)={shortcut_heads}."
             )
         if self.shortcut_source_layers is not None:
             sources = self.shortcut_source_layers = [int(i) for i in self.shortcut_source_layers]
@@ -115,6 +128,23 @@ class AttnVariantLlamaConfig(LlamaConfig):
         if self.use_rope is None:
             return self.attention_variant == "softmax"
         return self.use_rope
+
+    @property
+    def shortcut_heads(self) -> int:
+        """Query heads of the layerwise shortcut (`shortcut_num_heads`, else `num_attention_heads`)."""
+        return self.shortcut_num_heads or self.num_attention_heads
+
+    @property
+    def shortcut_key_value_heads(self) -> int:
+        """Key/value heads of the layerwise shortcut (resolves `shortcut_num_key_value_heads=None`, see above)."""
+        heads = self.shortcut_heads
+        if self.shortcut_num_key_value_heads is not None:
+            return self.shortcut_num_key_value_heads
+        model_kv_heads = self.num_key_value_heads or self.num_attention_heads
+        kv_heads = max(1, heads * model_kv_heads // self.num_attention_heads)
+        while heads % kv_heads:
+            kv_heads -= 1
+        return kv_heads
 
     @property
     def shortcut_sources(self) -> list[int]:

@@ -13,11 +13,15 @@ Two modes (`config.shortcut_mode`):
 - `"depth"`: token t attends over {s_l[t] : l in S}, a softmax over |S| items per head (fp32). No mask, no cache, no
   position encoding (query and keys share the position). The key/value projections are folded into the query and the
   mixed sources (q . W_k s_l = (W_k^T q) . s_l and sum_l a_l W_v s_l = W_v sum_l a_l s_l), so the cost is that of four
-  d x d projections per token however many sources there are.
+  d x d projections per token however many sources there are. The per-source RMSNorm is folded the same way: its
+  weight multiplies the stacked sources once, its 1 / rms scales the scores and the mixing weights.
 - `"depth_context"`: token t attends over {s_l[p] : l in S, p <= t, p not padding}, one softmax over |S| * t keys.
   Computed exactly as one causal attention per source, merged by log-sum-exp (never a |S| * T key set per query).
   Queries and keys get rotary embeddings of the token positions when the model uses RoPE. At decode time the keys and
   values of every source are kept in |S| extra layers of the generation cache (`AttnVariantLlamaShortcutCache`).
+
+Keys and values have `config.shortcut_key_value_heads` heads (grouped-query attention, like the model's layers):
+query head h reads key/value head h // (heads / kv_heads).
 
 The attention weights returned with the output are (B, heads, T, |S|): the depth softmax in `"depth"` mode, the
 probability mass each source layer receives (summed over positions) in `"depth_context"` mode.
@@ -71,7 +75,8 @@ class AttnVariantLlamaShortcutCache(DynamicCache):
 class ShortcutSourceRMSNorm(nn.Module):
     """One RMSNorm per source layer, all applied in one pass: weight (|S|, d) on stacked sources (..., |S|, d).
 
-    The formula is `LlamaRMSNorm`'s; one module instead of |S| saves kernel launches when decoding token by token.
+    The formula is `LlamaRMSNorm`'s (float32 statistics; a float64 model keeps float64); one module instead of |S|
+    saves kernel launches when decoding token by token.
     "RMSNorm" in the class name makes transformers' `_init_weights` set the weight to ones.
     """
 
@@ -80,12 +85,17 @@ class ShortcutSourceRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_sources, hidden_size))
         self.variance_epsilon = eps
 
+    def inverse_rms(self, stacked_sources: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(mean(s^2) + eps) over the last dim, in float32 (float64 stays float64), without a squared copy."""
+        dtype = torch.promote_types(stacked_sources.dtype, torch.float32)
+        norm = torch.linalg.vector_norm(stacked_sources, dim=-1, dtype=dtype)
+        return torch.rsqrt(norm.square() / stacked_sources.shape[-1] + self.variance_epsilon)
+
     def forward(self, stacked_sources: torch.Tensor) -> torch.Tensor:
         input_dtype = stacked_sources.dtype
-        stacked_sources = stacked_sources.to(torch.float32)
-        variance = stacked_sources.pow(2).mean(-1, keepdim=True)
-        stacked_sources = stacked_sources * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * stacked_sources.to(input_dtype)
+        normalised = stacked_sources.to(torch.promote_types(input_dtype, torch.float32))  # float64 stays float64
+        normalised = normalised * self.inverse_rms(stacked_sources).unsqueeze(-1)
+        return self.weight * normalised.to(input_dtype)
 
 
 class ShortcutFeatureMLP(nn.Module):
@@ -106,8 +116,9 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
 
     Args:
         config (`AttnVariantLlamaConfig`):
-            Reads `shortcut_mode`, `shortcut_sources`, `shortcut_num_heads`, `shortcut_feature_mlp`,
-            `shortcut_normalize_sources`, `hidden_size`, `rms_norm_eps`, `num_hidden_layers` and `rope_enabled`.
+            Reads `shortcut_mode`, `shortcut_sources`, `shortcut_heads`, `shortcut_key_value_heads`,
+            `shortcut_feature_mlp`, `shortcut_normalize_sources`, `hidden_size`, `rms_norm_eps`, `num_hidden_layers`
+            and `rope_enabled`.
 
     Inputs:
         hidden_states (`torch.Tensor`): (B, T, d) output of the final decoder layer (before the model's norm).
@@ -129,7 +140,9 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         self.mode = config.shortcut_mode
         self.source_layers = config.shortcut_sources
         self.num_model_layers = config.num_hidden_layers
-        self.num_heads = config.shortcut_num_heads or config.num_attention_heads
+        self.num_heads = config.shortcut_heads
+        self.num_kv_heads = config.shortcut_key_value_heads
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
         self.head_dim = hidden_size // self.num_heads
         self.scaling = self.head_dim**-0.5
 
@@ -142,8 +155,8 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         if config.shortcut_feature_mlp:
             self.feature_mlps = nn.ModuleList(ShortcutFeatureMLP(hidden_size) for _ in self.source_layers)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = zero_init_linear(hidden_size, hidden_size)
 
         self.rotary_emb = None
@@ -174,29 +187,54 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if len(source_states) != len(self.source_layers):
             raise ValueError(f"Expected {len(self.source_layers)} source states, got {len(source_states)}.")
-        stacked_sources = self.source_features(source_states, hidden_states.device)
         query = self.q_proj(self.query_norm(hidden_states))
         if self.mode == "depth":
-            attn_output, attn_weights = self.depth_attention(query, stacked_sources)
+            attn_output, attn_weights = self.depth_attention(query, source_states)
         else:
+            stacked_sources = self.source_features(source_states, hidden_states.device)
             attn_output, attn_weights = self.depth_context_attention(
                 query, stacked_sources, attention_mask, position_ids, past_key_values
             )
         return hidden_states + self.o_proj(attn_output), attn_weights
 
-    def depth_attention(self, query: torch.Tensor, stacked_sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax over the sources at the query's own position, with k_proj/v_proj folded into query and output."""
-        batch, length, hidden_size = query.shape
-        query = query.view(batch, length, self.num_heads, self.head_dim)
-        key_weight = self.k_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
-        value_weight = self.v_proj.weight.view(self.num_heads, self.head_dim, hidden_size)
+    def depth_attention(
+        self, query: torch.Tensor, source_states: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the sources at the query's own position, with k_proj/v_proj folded into query and output.
 
-        query_in_source_space = torch.einsum("bthe,hed->bthd", query, key_weight)  # (W_k^T q) per head
-        scores = torch.einsum("bthd,btld->bthl", query_in_source_space, stacked_sources)
-        scores = scores.to(softmax_dtype(query.dtype)) * self.scaling
+        Without feature MLPs the source RMSNorm is folded too: s_l = w_l * h_l / rms(h_l), so the sources are stacked
+        once and multiplied by w_l (in place at inference), and 1 / rms(h_l) (B, T, |S|) scales the scores and the
+        mixing weights instead of a normalised copy of every source.
+        """
+        batch, length, hidden_size = query.shape
+        device, dtype = query.device, query.dtype
+        kv_heads, groups = self.num_kv_heads, self.num_kv_groups
+        inverse_rms = None
+        if self.feature_mlps is not None:
+            stacked_sources = self.source_features(source_states, device)
+        else:
+            # With `device_map="auto"` the sources may live on other devices than the final layer.
+            stacked_sources = torch.stack([source.to(device) for source in source_states], dim=2)  # (B, T, |S|, d)
+            if self.source_norm is not None:
+                inverse_rms = self.source_norm.inverse_rms(stacked_sources)[:, :, None, :]  # (B, T, 1, |S|)
+                weight = self.source_norm.weight.to(dtype)
+                in_place = not (torch.is_grad_enabled() and (stacked_sources.requires_grad or weight.requires_grad))
+                stacked_sources = stacked_sources.mul_(weight) if in_place else stacked_sources * weight
+
+        query = query.view(batch, length, kv_heads, groups, self.head_dim)
+        key_weight = self.k_proj.weight.view(kv_heads, self.head_dim, hidden_size)
+        value_weight = self.v_proj.weight.view(kv_heads, self.head_dim, hidden_size)
+        # (W_k^T q) per query head (k, g), which reads key/value head k: (B, T, H, d).
+        query_in_source_space = torch.einsum("btkge,ked->btkgd", query, key_weight).flatten(2, 3)
+        scores = torch.matmul(query_in_source_space, stacked_sources.transpose(-1, -2))  # (B, T, H, |S|)
+        scores = scores.to(softmax_dtype(dtype)) * self.scaling
+        if inverse_rms is not None:
+            scores = scores * inverse_rms
         probabilities = scores.softmax(dim=-1)
-        mixed_sources = torch.einsum("bthl,btld->bthd", probabilities.to(query.dtype), stacked_sources)
-        attn_output = torch.einsum("bthd,hed->bthe", mixed_sources, value_weight).reshape(batch, length, hidden_size)
+        mixing = probabilities if inverse_rms is None else probabilities * inverse_rms
+        mixed_sources = torch.matmul(mixing.to(dtype), stacked_sources)  # (B, T, H, d)
+        mixed_sources = mixed_sources.view(batch, length, kv_heads, groups, hidden_size)
+        attn_output = torch.einsum("btkgd,ked->btkge", mixed_sources, value_weight).reshape(batch, length, hidden_size)
         return attn_output, probabilities.transpose(1, 2)  # (B, heads, T, |S|)
 
     def depth_context_attention(
@@ -221,16 +259,16 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
             query = apply_rope(query, *position_embeddings)
 
         # Keys and values of all sources in one projection each (fewer, larger kernels); heads of source k are the
-        # k-th group of `num_heads` in dim 1. Every source gets the same token positions.
-        stacked_shape = (batch, length, len(self.source_layers) * self.num_heads, self.head_dim)
+        # k-th group of `num_kv_heads` in dim 1. Every source gets the same token positions.
+        stacked_shape = (batch, length, len(self.source_layers) * self.num_kv_heads, self.head_dim)
         all_keys = self.k_proj(stacked_sources).view(stacked_shape).transpose(1, 2)  # (B, |S| H, T, D)
         all_values = self.v_proj(stacked_sources).view(stacked_shape).transpose(1, 2)
         if position_embeddings is not None:
             all_keys = apply_rope(all_keys, *position_embeddings)
 
         fused = use_fused_cpu_attention(query, all_keys, all_values)
-        outputs, log_normalisers, mask = [], [], None
-        per_source = zip(all_keys.split(self.num_heads, dim=1), all_values.split(self.num_heads, dim=1))
+        outputs, log_normalisers, mask, is_causal = [], [], None, False
+        per_source = zip(all_keys.split(self.num_kv_heads, dim=1), all_values.split(self.num_kv_heads, dim=1))
         for source_index, (key, value) in enumerate(per_source):
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.num_model_layers + source_index)
@@ -238,9 +276,15 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
                 # Like transformers, packed sequences are only detected without a cache (training).
                 packed_position_ids = position_ids if past_key_values is None else None
                 mask = context_mask(attention_mask, packed_position_ids, batch, length, key.shape[2], query.device)
-                kernel_mask = additive_mask(mask, query.dtype) if fused else mask
-            attention = fused_cpu_attention_with_log_normaliser if fused else attention_with_log_normaliser
-            output, log_normaliser = attention(query, key, value, kernel_mask, self.scaling)
+                kernel_mask = mask
+                if fused:  # the kernel skips the masked blocks of a plain causal mask, and needs no mask at all
+                    kernel_mask, is_causal = fused_kernel_mask(mask, query.dtype)
+            if fused:
+                output, log_normaliser = fused_cpu_attention_with_log_normaliser(
+                    query, key, value, kernel_mask, self.scaling, is_causal=is_causal
+                )
+            else:
+                output, log_normaliser = attention_with_log_normaliser(query, key, value, kernel_mask, self.scaling)
             outputs.append(output)
             log_normalisers.append(log_normaliser)
 
@@ -309,8 +353,16 @@ def attention_with_log_normaliser(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention in float32 (or float64) returning (output (B, H, T_q, D), log-sum-exp of the scores
     (B, H, T_q)). Differentiable through both. A query with every key masked gets output 0 and log-sum-exp -inf, so
-    it adds nothing to the merge.
+    it adds nothing to the merge. Keys and values may have fewer heads K than the query (grouped-query attention:
+    query head h reads key/value head h // (H / K)); they are broadcast over the group, never repeated.
     """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != heads:
+        grouped_query = query.unflatten(1, (kv_heads, heads // kv_heads))  # (B, K, H / K, T_q, D)
+        output, log_normaliser = attention_with_log_normaliser(
+            grouped_query, key.unsqueeze(2), value.unsqueeze(2), mask.unsqueeze(2), scaling
+        )
+        return output.flatten(1, 2), log_normaliser.flatten(1, 2)
     dtype = softmax_dtype(query.dtype)
     scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -336,11 +388,33 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+def fused_kernel_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """What the fused kernel needs for a boolean (B or 1, 1, T_q, T_k) mask: `(None, False)` when every key is visible
+    (decoding without padding), `(None, True)` for the plain causal mask of a prefill (T_q == T_k, no padding: the
+    kernel then skips the blocks above the diagonal, half the work), else `(additive mask, False)`."""
+    if bool(mask.all()):
+        return None, False
+    query_length, key_length = mask.shape[-2:]
+    if query_length == key_length:
+        causal = torch.ones(query_length, key_length, dtype=torch.bool, device=mask.device).tril()
+        if torch.equal(mask, causal.expand(mask.shape)):
+            return None, True
+    return additive_mask(mask, dtype), False
+
+
 def fused_cpu_attention_with_log_normaliser(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    is_causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_with_log_normaliser` through the fused CPU kernel (`mask` additive, in the query's dtype)."""
-    output, log_normaliser = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)[:2]
+    """`attention_with_log_normaliser` through the fused CPU kernel (`mask` additive, in the query's dtype, or None;
+    `is_causal` means the top-left aligned causal mask, only right for T_q == T_k)."""
+    output, log_normaliser = _FUSED_CPU_ATTENTION(
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
+    )[:2]
     dtype = softmax_dtype(query.dtype)
     return output.to(dtype), log_normaliser.to(dtype)
 
