@@ -61,10 +61,6 @@ BACKEND_ENV_VAR = "HF_ATTN_VARIANTS_SB_BACKEND"
 # 128 x 128 score blocks measured fastest on a 2-core AVX2 CPU (256 was ~10% slower, cache misses) and keep a
 # block's few temporaries (B * HQ * 128 * 128 fp32 each) small next to o.
 DEFAULT_BLOCK_SIZE = 128
-# The forward visits keys in blocks of this many query blocks' worth (256 keys per 128 queries): fewer, larger ops,
-# measured ~15% faster with 2 threads and no slower with 1. The backward keeps square blocks.
-FORWARD_KEY_BLOCK_FACTOR = 2
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks and shared helpers
@@ -202,8 +198,9 @@ def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attentio
 # Keys are handled in "distance order": r = K - 1 - j, so r = 0 is the newest key. Query i sees r >= Q - i - c, with
 # c = 1 if attend_current else 0. A query block [i0, i1) therefore needs keys r in [Q - i1 + 1 - c, K) (key blocks
 # above the causal band are never visited), and only its first key block straddles the band when key blocks are at
-# least as large as query blocks. k and v are flipped once per call (k.flip(-2), a K x D copy), so key blocks are
-# contiguous slices and the within-block reverse scan of the paper is a forward `cumprod_` (forward) or `cumsum_`
+# least as large as query blocks. Each key block of k and v is flipped as it is used (a block x D copy: flipping the
+# whole of k and v once would cost two K x D copies, more peak memory than SDPA needs in all), so the within-block
+# reverse scan of the paper is a forward `cumprod_` (forward) or `cumsum_`
 # (backward, in log space); the stick left over from nearer blocks is a per-row running product (forward) or log
 # (backward) carried in the compute dtype.
 
@@ -330,8 +327,6 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     """
     B, H, G, Q, _ = q5.shape
     K, Dv = v.shape[-2:]
-    # Keys and values in distance order once (two T x D copies) instead of flipping every block of every query block.
-    k_near_first, v_near_first = k.flip(-2).contiguous(), v.flip(-2).contiguous()
     exhausted = math.exp(-_log_negligible(q5.dtype))
     # |z| <= s |q| |k| (Cauchy-Schwarz). Where that bound is at most half the clamp bound (the half covers rounding of
     # the matmul), clamping would change nothing, so that pass over the scores is skipped; NaN/inf norms keep it.
@@ -349,16 +344,13 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
         clamp_logits = not logit_bound <= half_clamp
         o_block = o.new_zeros(B, H, G * (i1 - i0), Dv)  # contiguous, so its flattened view below accumulates in place
         stick = o.new_ones(B, H, G, i1 - i0)
-        key_blocks = _key_blocks(Q, K, i0, i1, attend_current, FORWARD_KEY_BLOCK_FACTOR * block_size)
-        for r0, r1, j0, j1 in key_blocks:
+        for r0, r1, j0, j1 in _key_blocks(Q, K, i0, i1, attend_current, block_size):
             if stick.numel() > 0 and stick.max().item() <= exhausted:  # as _stick_exhausted, in product space
                 break
             hidden = _hidden_in_block(Q, i0, i1, r0, r1, attend_current, grouped_mask, j0, j1, q5.device)
-            weights, stick = _forward_block_weights(
-                neg_q_block, k_near_first[:, :, r0:r1], stick, hidden, clamp_logits
-            )
+            weights, stick = _forward_block_weights(neg_q_block, k[:, :, j0:j1].flip(-2), stick, hidden, clamp_logits)
             # (B*H)-batched accumulate in place: no (G*m, Dv) temporary per key block.
-            o_block.flatten(0, 1).baddbmm_(weights.flatten(0, 1).flatten(1, 2), v_near_first[:, :, r0:r1].flatten(0, 1))
+            o_block.flatten(0, 1).baddbmm_(weights.flatten(0, 1).flatten(1, 2), v[:, :, j0:j1].flip(-2).flatten(0, 1))
             del weights  # free this block's scores before the next block allocates its own
         o[:, :, :, i0:i1] = o_block.unflatten(2, (G, i1 - i0))
         rem[:, :, :, i0:i1] = stick
@@ -378,11 +370,8 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
     B, H, G, Q, D = q5.shape
     K = k.shape[-2]
     dq = torch.zeros_like(q5)
-    # Keys, values and their gradients in distance order once, instead of flipping four blocks per block pair.
-    # The accumulators must be contiguous so that their (B*H)-flattened slices below are views, not copies.
-    k_near_first, v_near_first = k.flip(-2).contiguous(), v.flip(-2).contiguous()
-    dk_near_first = k.new_zeros(k.shape)
-    dv_near_first = v.new_zeros(v.shape)
+    dk = k.new_zeros(k.shape)
+    dv = v.new_zeros(v.shape)
     row_total = (do5 * o5).sum(-1) - drem5 * (1.0 - rem5)
     for i0 in range(0, Q, block_size):
         i1 = min(Q, i0 + block_size)
@@ -391,15 +380,15 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
         do_block = _query_block_rows(do5, i0, i1)
         drem_block = drem5[:, :, :, i0:i1, None]
         row_total_block = row_total[:, :, :, i0:i1]
-        dq_block = neg_q_block.new_zeros(neg_q_block.shape)  # contiguous: see dk_near_first
+        dq_block = neg_q_block.new_zeros(neg_q_block.shape)  # contiguous, so its flattened view accumulates in place
         log_stick = torch.zeros_like(row_total_block)
         nearer_grad = torch.zeros_like(row_total_block)  # sum of g over keys in nearer blocks
         for r0, r1, j0, j1 in _key_blocks(Q, K, i0, i1, attend_current, block_size):
             if _stick_exhausted(log_stick):
                 break
             hidden = _hidden_in_block(Q, i0, i1, r0, r1, attend_current, grouped_mask, j0, j1, q5.device)
-            k_block = k_near_first[:, :, r0:r1]
-            v_block = v_near_first[:, :, r0:r1]
+            k_block = k[:, :, j0:j1].flip(-2)
+            v_block = v[:, :, j0:j1].flip(-2)
             neg_logits, weights, log_stick = _block_weights(neg_q_block, k_block, log_stick, hidden)
             grad_log_weights = (do_block @ v_block.transpose(-1, -2)).unflatten(2, (G, m))
             grad_log_weights.sub_(drem_block).mul_(weights)  # g
@@ -410,19 +399,15 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
             nearer_grad += block_total
             beta = neg_logits.neg_().sigmoid_()
             grad_logits = grad_log_weights.addcmul_(beta, nearer_minus_total).flatten(2, 3)
-            # Accumulated in place with (B*H)-batched baddbmm_: no per-block product temporaries.
             dq_block.flatten(0, 1).baddbmm_(grad_logits.flatten(0, 1), k_block.flatten(0, 1))
             # neg_q_block is -s * q, so this subtracts -s * dz^T q, summed over the G query heads of each kv head.
-            dk_near_first[:, :, r0:r1].flatten(0, 1).baddbmm_(
-                grad_logits.transpose(-1, -2).flatten(0, 1), neg_q_block.flatten(0, 1), alpha=-1
-            )
-            dv_near_first[:, :, r0:r1].flatten(0, 1).baddbmm_(
-                weights.flatten(2, 3).transpose(-1, -2).flatten(0, 1), do_block.flatten(0, 1)
-            )
+            # Block products come out nearest-first and are flipped back into key order (torch has no negative strides).
+            dk[:, :, j0:j1] -= (grad_logits.transpose(-1, -2) @ neg_q_block).flip(-2)
+            dv[:, :, j0:j1] += (weights.flatten(2, 3).transpose(-1, -2) @ do_block).flip(-2)
             del neg_logits, weights, beta, grad_log_weights, nearer_minus_total, grad_logits
         dq[:, :, :, i0:i1] = dq_block.unflatten(2, (G, m))
     dq *= scale
-    return dq, dk_near_first.flip(-2), dv_near_first.flip(-2)
+    return dq, dk, dv
 
 
 class BlockwiseStickBreakingFunction(torch.autograd.Function):
@@ -478,8 +463,8 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
         attention_mask (Optional[torch.Tensor]):
             bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
         block_size (Optional[int]):
-            query rows per block; the backward visits keys in blocks of the same size, the forward in blocks of
-            `FORWARD_KEY_BLOCK_FACTOR * block_size`. Default: `128`.
+            query rows and keys per block (square blocks: 256-key blocks were ~15% faster with 2 threads but needed
+            1.44x SDPA's peak memory at T=8192 against 1.17x). Default: `128`.
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
