@@ -66,6 +66,18 @@ def _softplus2(x):
 
 
 @triton.jit
+def _sequence_bounds(cu_seqlens, i_n, Q, K, IS_VARLEN: tl.constexpr):
+    """(batch index, first token, query length, key length) of sequence i_n: a packed varlen segment or a batch row."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        # i_n * 0 rather than 0: a tensor, so .to(tl.int64) works even when HQ is specialised to 1
+        return i_n * 0, bos, eos - bos, eos - bos
+    else:
+        return i_n, 0, Q, K
+
+
+@triton.jit
 def _sb_fwd_kernel(
     q, k, v, o, rem, snap, mask, cu_seqlens,
     scale2,
@@ -84,17 +96,7 @@ def _sb_fwd_kernel(
     i_n = i_nh // HQ
     i_hq = i_nh % HQ
     i_h = i_hq // G
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        Qn = eos - bos
-        Kn = Qn
-        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
-    else:
-        bos = 0
-        Qn = Q
-        Kn = K
-        i_b = i_n
+    i_b, bos, Qn, Kn = _sequence_bounds(cu_seqlens, i_n, Q, K, IS_VARLEN)
     if i_m * BLOCK_M >= Qn:
         return
 
@@ -170,17 +172,7 @@ def _sb_bwd_dq_kernel(
     i_n = i_nh // HQ
     i_hq = i_nh % HQ
     i_h = i_hq // G
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        Qn = eos - bos
-        Kn = Qn
-        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
-    else:
-        bos = 0
-        Qn = Q
-        Kn = K
-        i_b = i_n
+    i_b, bos, Qn, Kn = _sequence_bounds(cu_seqlens, i_n, Q, K, IS_VARLEN)
     if i_m * BLOCK_M >= Qn:
         return
 
@@ -263,17 +255,7 @@ def _sb_bwd_dkv_kernel(
     i_n = i_nh // H
     i_h = i_nh % H
     HQ = H * G
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        Qn = eos - bos
-        Kn = Qn
-        i_b = i_n * 0  # a tensor, so .to(tl.int64) works even when HQ is specialised to 1
-    else:
-        bos = 0
-        Qn = Q
-        Kn = K
-        i_b = i_n
+    i_b, bos, Qn, Kn = _sequence_bounds(cu_seqlens, i_n, Q, K, IS_VARLEN)
     if i_kb * BLOCK_N >= Kn:
         return
 
