@@ -10,6 +10,12 @@ TOKEN_ATTENTION_VARIANTS = ("softmax", "stickbreaking")
 STICKBREAKING_REMAINDER_MODES = ("none", "value", "bias")
 STICKBREAKING_BACKENDS = ("auto", "torch", "triton")
 SHORTCUT_MODES = ("depth", "depth_context")
+# Boolean fields are checked strictly: `layer_shortcut="false"` is a truthy string, not False.
+BOOL_FIELDS = (
+    "use_rope", "stickbreaking_attend_current", "layer_shortcut", "shortcut_feature_mlp",
+    "shortcut_normalize_sources", "attention_qkv_bias", "query_key_norm",
+)
+OPTIONAL_BOOL_FIELDS = ("use_rope", "attention_qkv_bias")  # None means "derive it" (see the docstring)
 
 
 class AttnVariantLlamaConfig(LlamaConfig):
@@ -55,6 +61,12 @@ class AttnVariantLlamaConfig(LlamaConfig):
             Pass each source through its own residual feature MLP (the paper's feature maps) before keys and values.
         shortcut_normalize_sources (`bool`, *optional*, defaults to `True`):
             RMS-normalise each source before keys and values (residual-stream norms grow with depth).
+        attention_qkv_bias (`bool`, *optional*):
+            Biases on `q_proj`/`k_proj`/`v_proj`. `None` follows `attention_bias` (Llama: one flag for all four
+            projections); Qwen2-style checkpoints have `attention_qkv_bias=True, attention_bias=False` (no `o_proj`
+            bias).
+        query_key_norm (`bool`, *optional*, defaults to `False`):
+            Per-head RMSNorm of queries and keys before rotary embeddings (`self_attn.q_norm`/`k_norm`, Qwen3-style).
     """
 
     model_type = "attn_variant_llama"
@@ -72,8 +84,12 @@ class AttnVariantLlamaConfig(LlamaConfig):
     shortcut_num_key_value_heads: int | None = None
     shortcut_feature_mlp: bool = False
     shortcut_normalize_sources: bool = True
+    attention_qkv_bias: bool | None = None
+    query_key_norm: bool = False
 
     def __post_init__(self, **kwargs):
+        for name in BOOL_FIELDS:
+            _require_bool(name, getattr(self, name), optional=name in OPTIONAL_BOOL_FIELDS)
         # Validate before LlamaConfig fills defaults, so errors name the field the user actually set.
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _require_positive(name, getattr(self, name))
@@ -93,7 +109,8 @@ class AttnVariantLlamaConfig(LlamaConfig):
         _require_choice("stickbreaking_remainder", self.stickbreaking_remainder, STICKBREAKING_REMAINDER_MODES)
         _require_choice("stickbreaking_backend", self.stickbreaking_backend, STICKBREAKING_BACKENDS)
         _require_choice("shortcut_mode", self.shortcut_mode, SHORTCUT_MODES)
-        if self.stickbreaking_scale is not None and not self.stickbreaking_scale > 0:
+        scale = self.stickbreaking_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise ValueError(f"`stickbreaking_scale` must be a positive number or None, got {self.stickbreaking_scale!r}.")
         if self.shortcut_num_heads is not None and self.hidden_size % self.shortcut_num_heads != 0:
             raise ValueError(
@@ -106,7 +123,14 @@ class AttnVariantLlamaConfig(LlamaConfig):
                 f"(`shortcut_num_heads`, else `num_attention_heads`)={shortcut_heads}."
             )
         if self.shortcut_source_layers is not None:
-            sources = self.shortcut_source_layers = [int(i) for i in self.shortcut_source_layers]
+            sources = self.shortcut_source_layers
+            if not isinstance(sources, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in sources
+            ):
+                raise ValueError(
+                    f"`shortcut_source_layers` must be a list of integer layer indices or None, got {sources!r}."
+                )
+            sources = self.shortcut_source_layers = list(sources)
             last = self.num_hidden_layers - 1
             bad = [i for i in sources if not 0 <= i < last]
             if not sources or bad or len(set(sources)) != len(sources):
@@ -128,6 +152,11 @@ class AttnVariantLlamaConfig(LlamaConfig):
         if self.use_rope is None:
             return self.attention_variant == "softmax"
         return self.use_rope
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether `q_proj`/`k_proj`/`v_proj` have biases (resolves `attention_qkv_bias=None`)."""
+        return self.attention_bias if self.attention_qkv_bias is None else self.attention_qkv_bias
 
     @property
     def shortcut_heads(self) -> int:
@@ -157,6 +186,14 @@ class AttnVariantLlamaConfig(LlamaConfig):
 def _require_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _require_bool(name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if optional else "True or False"
+        raise ValueError(f"`{name}` must be {allowed} (a bool), got {value!r} ({type(value).__name__}).")
 
 
 def _require_choice(name, value, allowed):

@@ -33,12 +33,16 @@ import copy
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, rotate_half
 
+from transformers.utils import logging
+
 from .configuration_attn_variant_llama import AttnVariantLlamaConfig
+
+logger = logging.get_logger(__name__)
 
 # Linear layers tagged with this attribute are zero-initialised by `AttnVariantLlamaPreTrainedModel._init_weights`
 # (transformers would otherwise re-draw every nn.Linear from N(0, initializer_range) in `post_init`/`from_pretrained`).
@@ -58,18 +62,51 @@ def uses_shortcut_cache(config: AttnVariantLlamaConfig) -> bool:
     return bool(config.layer_shortcut) and config.shortcut_mode == "depth_context"
 
 
-class AttnVariantLlamaShortcutCache(DynamicCache):
-    """`DynamicCache` of the model's L layers followed by one layer per shortcut source (slot L + k for source k).
+class ShortcutCacheMixin:
+    """Keeps the `depth_context` shortcut's keys and values, one cache layer per source, in `self.shortcut_cache` (a
+    `Cache` of |S| layers) *beside* the model's layers: the cache still has one layer per decoder layer, as
+    transformers' contract says, and every operation that acts on all layers (`reorder_cache` for beam search,
+    `crop`, `batch_repeat_interleave`, `batch_select_indices`, `reset`) acts on the shortcut's layers too."""
 
-    The extra slots are ordinary `DynamicLayer`s holding the shortcut's post-RoPE keys and values, so everything that
-    acts on all layers (`reorder_cache` for beam search, `crop`, `batch_repeat_interleave`, `batch_select_indices`)
-    keeps the shortcut in step with the model, and `get_seq_length()` (layer 0) is unchanged.
-    """
+    shortcut_cache: Cache
+
+    def reorder_cache(self, *args, **kwargs):
+        super().reorder_cache(*args, **kwargs)
+        self.shortcut_cache.reorder_cache(*args, **kwargs)
+
+    def crop(self, *args, **kwargs):
+        super().crop(*args, **kwargs)
+        self.shortcut_cache.crop(*args, **kwargs)
+
+    def batch_repeat_interleave(self, *args, **kwargs):
+        super().batch_repeat_interleave(*args, **kwargs)
+        self.shortcut_cache.batch_repeat_interleave(*args, **kwargs)
+
+    def batch_select_indices(self, *args, **kwargs):
+        super().batch_select_indices(*args, **kwargs)
+        self.shortcut_cache.batch_select_indices(*args, **kwargs)
+
+    def reset(self, *args, **kwargs):
+        super().reset(*args, **kwargs)
+        self.shortcut_cache.reset(*args, **kwargs)
+
+
+class AttnVariantLlamaShortcutCache(ShortcutCacheMixin, DynamicCache):
+    """`DynamicCache` of the model's L layers plus the shortcut's |S| source layers (`shortcut_cache`), which
+    `forward(use_cache=True)` and `generate` create for a `depth_context` model."""
 
     def __init__(self, config: AttnVariantLlamaConfig, **kwargs):
         super().__init__(config=config, **kwargs)
-        if uses_shortcut_cache(config):
-            self.layers.extend(type(self.layers[0])() for _ in config.shortcut_sources)
+        self.shortcut_cache = Cache(layers=[DynamicLayer() for _ in config.shortcut_sources])
+
+
+class AttnVariantLlamaShortcutStaticCache(ShortcutCacheMixin, StaticCache):
+    """`StaticCache` of the model's L layers plus the shortcut's |S| source layers, each preallocated to
+    `max_cache_len` (what `generate(cache_implementation="static")` creates for a `depth_context` model)."""
+
+    def __init__(self, config: AttnVariantLlamaConfig, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.shortcut_cache = Cache(layers=[StaticLayer(max_cache_len=max_cache_len) for _ in config.shortcut_sources])
 
 
 class ShortcutSourceRMSNorm(nn.Module):
@@ -127,7 +164,7 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         attention_mask (`torch.Tensor`, *optional*): the model's 2D padding mask (B, past + T), 1 = real token, or a
             4D boolean / additive mask. Only used in `depth_context` mode.
         position_ids (`torch.LongTensor`, *optional*): (B or 1, T) token positions (RoPE and packed sequences).
-        past_key_values (`Cache`, *optional*): `depth_context` mode stores keys/values in layers L .. L + |S| - 1.
+        past_key_values (`Cache`, *optional*): `depth_context` mode keeps keys/values in its `shortcut_cache`.
 
     Returns:
         `(hidden_states + shortcut, attention_weights)`, the weights of shape (B, heads, T, |S|) in float32 (float64 for a
@@ -249,10 +286,9 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         batch, length, hidden_size = query.shape
         heads_shape = (batch, length, self.num_heads, self.head_dim)
         query = query.view(heads_shape).transpose(1, 2)  # (B, H, T, D)
-        if past_key_values is not None:
-            self.check_cache_has_source_slots(past_key_values)
+        shortcut_cache = None if past_key_values is None else self.shortcut_cache_of(past_key_values)
+        past_length = 0 if shortcut_cache is None else int(shortcut_cache.get_seq_length())
         if position_ids is None:
-            past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
             position_ids = torch.arange(past_length, past_length + length, device=query.device)[None]
         position_embeddings = self.rotary_emb(query, position_ids) if self.rotary_emb is not None else None
         if position_embeddings is not None:
@@ -270,8 +306,10 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         outputs, log_normalisers, mask, is_causal = [], [], None, False
         per_source = zip(all_keys.split(self.num_kv_heads, dim=1), all_values.split(self.num_kv_heads, dim=1))
         for source_index, (key, value) in enumerate(per_source):
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.num_model_layers + source_index)
+            if shortcut_cache is not None:
+                key, value = shortcut_cache.update(key, value, source_index)
+                # A static layer returns its whole buffer: keep the positions written so far.
+                key, value = key[:, :, : past_length + length], value[:, :, : past_length + length]
             if mask is None:  # every source has the same key positions: build the mask once
                 # Like transformers, packed sequences are only detected without a cache (training).
                 packed_position_ids = position_ids if past_key_values is None else None
@@ -299,16 +337,18 @@ class AttnVariantLlamaLayerShortcut(GradientCheckpointingLayer):
         attn_output = attn_output.to(query.dtype).transpose(1, 2).reshape(batch, length, hidden_size)
         return attn_output, source_mass
 
-    def check_cache_has_source_slots(self, past_key_values: Cache) -> None:
-        """Raise if the cache was built for the model's layers only (a lazily growing cache is fine)."""
-        needed = self.num_model_layers + len(self.source_layers)
-        grows = getattr(past_key_values, "layer_class_to_replicate", None) is not None
-        if len(past_key_values.layers) < needed and not grows:
+    @staticmethod
+    def shortcut_cache_of(past_key_values: Cache) -> Cache:
+        """The cache layers of the shortcut's sources, or a clear error for a cache built without them."""
+        shortcut_cache = getattr(past_key_values, "shortcut_cache", None)
+        if shortcut_cache is None:
             raise ValueError(
-                "`shortcut_mode`='depth_context' stores keys/values of each source layer in the cache, but "
-                f"{type(past_key_values).__name__} has only {len(past_key_values.layers)} layers; pass "
-                "`AttnVariantLlamaShortcutCache(config)` (what the model and `generate` create by default)."
+                "`shortcut_mode`='depth_context' keeps keys/values of each source layer in the cache, but "
+                f"{type(past_key_values).__name__} has no room for them; pass `AttnVariantLlamaShortcutCache(config)` "
+                "or `AttnVariantLlamaShortcutStaticCache(config, max_cache_len)` (what the model and `generate` create "
+                "by default)."
             )
+        return shortcut_cache
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -335,7 +375,7 @@ def context_mask(
     given 4D mask (boolean, or additive where 0 = attend)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        return mask[..., -query_length:, -key_length:].to(device)
+        return mask[..., -query_length:, :key_length].to(device)
     past_length = key_length - query_length
     query_positions = torch.arange(past_length, key_length, device=device)
     mask = (torch.arange(key_length, device=device)[None, :] <= query_positions[:, None])[None, None]
@@ -383,6 +423,13 @@ def use_fused_cpu_attention(*tensors: torch.Tensor) -> bool:
     return _FUSED_CPU_ATTENTION is not None and tensors[0].device.type == "cpu" and not needs_grad
 
 
+def _disable_fused_cpu_attention(error: Exception) -> None:
+    """The private op changed or failed in this torch release: use the public path from now on."""
+    global _FUSED_CPU_ATTENTION
+    _FUSED_CPU_ATTENTION = None
+    logger.warning_once(f"PyTorch's fused CPU attention op failed ({error}); using the plain PyTorch path instead.")
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask (True = attend) as the additive 0 / -inf mask that the fused kernel takes."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
@@ -412,11 +459,21 @@ def fused_cpu_attention_with_log_normaliser(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_with_log_normaliser` through the fused CPU kernel (`mask` additive, in the query's dtype, or None;
     `is_causal` means the top-left aligned causal mask, only right for T_q == T_k)."""
-    output, log_normaliser = _FUSED_CPU_ATTENTION(
-        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
-    )[:2]
+    try:
+        output, log_normaliser = _FUSED_CPU_ATTENTION(
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
+        )[:2]
+    except (RuntimeError, TypeError) as error:
+        _disable_fused_cpu_attention(error)
+        if mask is None:
+            query_length, key_length = query.shape[-2], key.shape[-2]
+            mask = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+            mask = mask.tril() if is_causal else mask
+        else:
+            mask = mask == 0
+        return attention_with_log_normaliser(query, key, value, mask, scaling)
     dtype = softmax_dtype(query.dtype)
     return output.to(dtype), log_normaliser.to(dtype)
 
 
-__all__ = ["AttnVariantLlamaLayerShortcut", "AttnVariantLlamaShortcutCache"]
+__all__ = ["AttnVariantLlamaLayerShortcut", "AttnVariantLlamaShortcutCache", "AttnVariantLlamaShortcutStaticCache"]

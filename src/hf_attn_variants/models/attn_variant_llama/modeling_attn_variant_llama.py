@@ -7,16 +7,20 @@ This folder is shipped as remote code: it imports only torch, transformers and i
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -28,14 +32,29 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .transformers_compat import (  # first: refuses unsupported transformers releases with a clear message
+    cache_output,
+    create_causal_mask,
+    output_cache,
+    generation_cache,
+    pop_cache_argument,
+    set_generation_cache,
+    slice_logits_to_keep,
+)
 from .configuration_attn_variant_llama import AttnVariantLlamaConfig
 from .layer_shortcut import (
     ZERO_INIT_ATTRIBUTE,
     AttnVariantLlamaLayerShortcut,
     AttnVariantLlamaShortcutCache,
+    AttnVariantLlamaShortcutStaticCache,
     uses_shortcut_cache,
 )
-from .stickbreaking_torch import register_stickbreaking_attention
+from .stickbreaking_torch import (
+    STICKBREAKING_ATTENTION_NAME,
+    eager_stickbreaking_attention_forward,
+    register_stickbreaking_attention,
+    stickbreaking_attention_forward,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +62,30 @@ register_stickbreaking_attention()
 
 # `attn_implementation` names that select a model-level option rather than a token-attention function.
 SHORTCUT_ATTN_IMPLEMENTATION = "shortcut"
+# How stick-breaking can run: "eager" is the reference that returns the weights, the others the blockwise/Triton op.
+STICKBREAKING_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", STICKBREAKING_ATTENTION_NAME)
+
+
+@dataclass
+class AttnVariantLlamaModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    shortcut_attentions (`torch.FloatTensor` of shape `(batch_size, shortcut_heads, sequence_length, num_sources)`, *optional*):
+        With `output_attentions=True` and a layer shortcut: its attention over the source layers (the depth softmax,
+        or in `depth_context` mode the probability mass each source layer receives). `attentions` keeps one entry per
+        decoder layer, as in Llama.
+    """
+
+    shortcut_attentions: torch.FloatTensor | None = None
+
+
+@dataclass
+class AttnVariantLlamaCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    shortcut_attentions (`torch.FloatTensor` of shape `(batch_size, shortcut_heads, sequence_length, num_sources)`, *optional*):
+        See `AttnVariantLlamaModelOutputWithPast`.
+    """
+
+    shortcut_attentions: torch.FloatTensor | None = None
 
 
 class AttnVariantLlamaAttention(nn.Module):
@@ -58,12 +101,15 @@ class AttnVariantLlamaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.use_rope = config.rope_enabled
 
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        qkv_bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.query_key_norm:  # Qwen3-style per-head RMSNorm of queries and keys, before RoPE
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         if config.stickbreaking_remainder == "bias":
             # Receives the stick-breaking remainder rem_i (lm-engine's "remainder bias"); zero-init adds nothing.
             self.stickbreaking_remainder_bias = nn.Parameter(torch.zeros(config.num_attention_heads, self.head_dim))
@@ -79,21 +125,22 @@ class AttnVariantLlamaAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.query_key_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, H, T, D)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        if self.use_rope:
+        # Read from the config at each call: `set_attn_implementation` may switch the variant after loading.
+        if self.config.rope_enabled:
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
+        attn_output, attn_weights = self.attention_function()(
             self,
             query_states,
             key_states,
@@ -106,6 +153,18 @@ class AttnVariantLlamaAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
+
+    def attention_function(self) -> Callable:
+        """`config.attention_variant` says what the attention computes, `config._attn_implementation` how: on a
+        stick-breaking model "eager" is the reference that returns the weights, anything else the fast op."""
+        implementation = self.config._attn_implementation
+        if self.config.attention_variant == "stickbreaking":
+            if implementation == "eager":
+                return eager_stickbreaking_attention_forward
+            return stickbreaking_attention_forward
+        if implementation == STICKBREAKING_ATTENTION_NAME:  # the variant was switched back to softmax by hand
+            implementation = "sdpa"
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class AttnVariantLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -158,9 +217,8 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": AttnVariantLlamaDecoderLayer,
-        # With `layer_shortcut`, the last element of `attentions` is the shortcut's (B, heads, T, |S|) attention over
-        # the source layers (see `AttnVariantLlamaLayerShortcut`); the others are the token attentions, as in Llama.
-        "attentions": [AttnVariantLlamaAttention, AttnVariantLlamaLayerShortcut],
+        # One entry per decoder layer; the shortcut's attention over the source layers is `shortcut_attentions`.
+        "attentions": AttnVariantLlamaAttention,
     }
 
     def __init__(self, config: AttnVariantLlamaConfig, *inputs, **kwargs):
@@ -170,35 +228,44 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
             "AutoConfig": "configuration_attn_variant_llama.AttnVariantLlamaConfig",
             "AutoModel": "modeling_attn_variant_llama.AttnVariantLlamaModel",
             "AutoModelForCausalLM": "modeling_attn_variant_llama.AttnVariantLlamaForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_attn_variant_llama.AttnVariantLlamaForSequenceClassification",
+            "AutoModelForTokenClassification": "modeling_attn_variant_llama.AttnVariantLlamaForTokenClassification",
         }
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        """Translate the family's names into config fields (saved in config.json), then let transformers validate.
+        """Turn the family's names into config fields (saved in config.json), then let transformers validate.
 
-        - `"shortcut"` adds the layerwise shortcut and keeps the default token attention for the other layers.
+        `attention_variant` says *what* the token attention computes, `attn_implementation` *how*:
+
         - `"stickbreaking"` makes stick-breaking the model's token attention (`attention_variant`), so the saved model
-          reloads as stick-breaking without naming it again.
+          reloads as stick-breaking without naming it again. On a stick-breaking model `"eager"` runs the reference
+          that returns the weights; `"sdpa"`, `"stickbreaking"` and the default run the blockwise op (Triton on CUDA).
+        - `"shortcut"` adds the layerwise shortcut (zero-initialised when added to a built model, so its function is
+          unchanged) and keeps the default token attention.
+
+        Going back to softmax attention is an explicit config change: `model.config.attention_variant = "softmax"`.
         """
         config = self.config
-        if requested_attention == SHORTCUT_ATTN_IMPLEMENTATION:
-            config.layer_shortcut = True
+        wants_shortcut = requested_attention == SHORTCUT_ATTN_IMPLEMENTATION
+        wants_stickbreaking = requested_attention == STICKBREAKING_ATTENTION_NAME
+        if wants_shortcut:
             requested_attention = None
-        if requested_attention == "stickbreaking":
-            config.attention_variant = "stickbreaking"
-        elif requested_attention is None and config.attention_variant == "stickbreaking":
-            requested_attention = "stickbreaking"
-        elif requested_attention is not None and config.attention_variant == "stickbreaking":
-            logger.warning_once(
-                f"This model's `attention_variant` is 'stickbreaking' but `attn_implementation={requested_attention!r}` "
-                "was requested: its layers will run softmax attention, which is not the function it was trained with."
-            )
-        valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), SHORTCUT_ATTN_IMPLEMENTATION]
-        if requested_attention is not None and requested_attention not in valid:
+        stickbreaking = wants_stickbreaking or config.attention_variant == "stickbreaking"
+        if stickbreaking and requested_attention not in (None, *STICKBREAKING_ATTN_IMPLEMENTATIONS):
             raise ValueError(
-                f"`attn_implementation`={requested_attention!r} is not supported by {type(self).__name__}; "
-                f"valid values are {sorted(set(valid))}."
+                f"`attn_implementation`={requested_attention!r} cannot run stick-breaking attention "
+                f"(`attention_variant`='stickbreaking'); use one of {list(STICKBREAKING_ATTN_IMPLEMENTATIONS)}, or set "
+                "`config.attention_variant = 'softmax'` first to run softmax attention."
             )
-        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+        # transformers validates the name (and raises its own error for unknown ones) before anything is changed.
+        implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
+        if wants_stickbreaking:
+            config.attention_variant = "stickbreaking"
+        if wants_shortcut and not config.layer_shortcut:
+            config.layer_shortcut = True
+            if not is_init_check:
+                self.base_model.add_layer_shortcut()
+        return implementation
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -230,6 +297,20 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def add_layer_shortcut(self) -> None:
+        """Build the layer shortcut on a model built without it (`set_attn_implementation("shortcut")`), zero-initialised
+        so the model's function is unchanged, on the device and in the dtype of the final layer."""
+        if self.shortcut is not None:
+            return
+        reference = self.layers[-1].self_attn.o_proj.weight
+        shortcut = AttnVariantLlamaLayerShortcut(self.config)
+        self._init_weights_recursively(shortcut)
+        self.shortcut = shortcut.to(device=reference.device, dtype=reference.dtype)
+
+    def _init_weights_recursively(self, module: nn.Module) -> None:
+        for submodule in module.modules():
+            self._init_weights(submodule)
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -241,9 +322,15 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> AttnVariantLlamaModelOutputWithPast:
+        past_key_values = pop_cache_argument(past_key_values, kwargs)  # `cache=` from transformers >= 5.24
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            # Recomputed layers would write to the cache twice (what GradientCheckpointingLayer guards against).
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+            use_cache, past_key_values = False, None
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -257,13 +344,7 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids) if self.config.rope_enabled else None
@@ -284,17 +365,22 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
             if layer_idx in shortcut_sources:
                 source_states[layer_idx] = hidden_states
 
+        shortcut_attentions = None
         if self.shortcut is not None:
-            hidden_states, _ = self.shortcut(
+            hidden_states, shortcut_attentions = self.shortcut(
                 hidden_states,
                 *(source_states[layer_idx] for layer_idx in self.shortcut.source_layers),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
             )
+            if not kwargs.get("output_attentions", self.config.output_attentions):
+                shortcut_attentions = None
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return AttnVariantLlamaModelOutputWithPast(
+            last_hidden_state=hidden_states, shortcut_attentions=shortcut_attentions, **cache_output(past_key_values)
+        )
 
 
 class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMixin):
@@ -310,14 +396,23 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """`generate` builds a `DynamicCache` of the model's L layers; a `depth_context` shortcut needs
-        `AttnVariantLlamaShortcutCache` (|S| more layers), so swap the default one. A user-passed cache is kept."""
+        """`generate` builds a `DynamicCache` or `StaticCache` of the model's L layers; a `depth_context` shortcut also
+        needs room for its sources' keys/values, so swap in the family's subclass. A user-passed cache is kept."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        is_default_cache = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-        if uses_shortcut_cache(self.config) and is_default_cache:
-            model_kwargs["past_key_values"] = AttnVariantLlamaShortcutCache(
-                config=self.config.get_text_config(decoder=True), offloading=cache.offloading
+        cache = generation_cache(model_kwargs)
+        if not uses_shortcut_cache(self.config) or cache is None or getattr(cache, "shortcut_cache", None) is not None:
+            return
+        if getattr(cache, "_is_user_defined", False) or kwargs.get("user_defined_cache") is not None:
+            return  # the shortcut raises a clear error at the first forward
+        text_config = self.config.get_text_config(decoder=True)
+        if type(cache) is DynamicCache:
+            set_generation_cache(model_kwargs, AttnVariantLlamaShortcutCache(config=text_config, offloading=cache.offloading))
+        elif type(cache) is StaticCache:
+            set_generation_cache(
+                model_kwargs,
+                AttnVariantLlamaShortcutStaticCache(
+                    config=text_config, max_cache_len=cache.layers[0].max_cache_len, offloading=cache.offloading
+                ),
             )
 
     @can_return_tuple
@@ -332,8 +427,9 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.model(
+    ) -> AttnVariantLlamaCausalLMOutputWithPast:
+        past_key_values = pop_cache_argument(past_key_values, kwargs)  # `cache=` from transformers >= 5.24
+        outputs: AttnVariantLlamaModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -349,17 +445,52 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
+        return AttnVariantLlamaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            shortcut_attentions=outputs.shortcut_attentions,
+            **cache_output(output_cache(outputs)),
         )
+
+
+class AttnVariantLlamaForSequenceClassification(GenericForSequenceClassification, AttnVariantLlamaPreTrainedModel):
+    def __init__(self, config: AttnVariantLlamaConfig):
+        # Not `GenericForSequenceClassification.__init__`: it builds the base model through `AutoModel`, which needs
+        # `trust_remote_code` again when this file runs as remote code.
+        AttnVariantLlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = AttnVariantLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+class AttnVariantLlamaForTokenClassification(GenericForTokenClassification, AttnVariantLlamaPreTrainedModel):
+    def __init__(self, config: AttnVariantLlamaConfig):
+        AttnVariantLlamaPreTrainedModel.__init__(self, config)  # see AttnVariantLlamaForSequenceClassification
+        self.num_labels = config.num_labels
+        self.model = AttnVariantLlamaModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(
+            config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True)
+        )
+        self.post_init()
 
 
 AttnVariantLlamaConfig.register_for_auto_class()
 AttnVariantLlamaModel.register_for_auto_class("AutoModel")
 AttnVariantLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AttnVariantLlamaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+AttnVariantLlamaForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
-__all__ = ["AttnVariantLlamaForCausalLM", "AttnVariantLlamaModel", "AttnVariantLlamaPreTrainedModel"]
+__all__ = [
+    "AttnVariantLlamaCausalLMOutputWithPast",
+    "AttnVariantLlamaForCausalLM",
+    "AttnVariantLlamaForSequenceClassification",
+    "AttnVariantLlamaForTokenClassification",
+    "AttnVariantLlamaModel",
+    "AttnVariantLlamaModelOutputWithPast",
+    "AttnVariantLlamaPreTrainedModel",
+]

@@ -50,6 +50,7 @@ __all__ = [
     "naive_stickbreaking_attn",
     "blockwise_stickbreaking_attn",
     "stickbreaking_attention_forward",
+    "eager_stickbreaking_attention_forward",
     "register_stickbreaking_attention",
     "STICKBREAKING_ATTENTION_NAME",
 ]
@@ -145,7 +146,7 @@ def _grouped_mask(attention_mask, H, G):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None):
+def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, return_weights=False):
     r"""
     Reference stick-breaking attention, written from the log-space formula with full (Q, K) tensors.
 
@@ -162,10 +163,13 @@ def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attentio
             whether query i may attend to the key at its own position. Default: `False` (the official default).
         attention_mask (Optional[torch.Tensor]):
             bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
+        return_weights (bool):
+            also return the weights A `[B, HQ, Q, K]` (in the compute dtype: fp32, or fp64 for fp64 inputs).
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
         rem (torch.Tensor): `[B, HQ, Q]`, the unused stick `1 - sum_j A_ij`, in the dtype of `q`.
+        weights (torch.Tensor): only with `return_weights=True`.
     """
     B, H, G, Q, K, D, Dv = _check_attention_inputs(q, k, v, attention_mask)
     scale = _resolve_scale(scale, D)
@@ -188,6 +192,8 @@ def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attentio
     weights = torch.where(visible, torch.exp(z + log_stick_from_j), 0.0)
     o = weights @ v5
     rem = torch.exp(log_one_minus_beta.sum(-1))
+    if return_weights:
+        return o.flatten(1, 2).to(q.dtype), rem.flatten(1, 2).to(q.dtype), weights.flatten(1, 2)
     return o.flatten(1, 2).to(q.dtype), rem.flatten(1, 2).to(q.dtype)
 
 
@@ -517,6 +523,61 @@ def _select_attention_op(backend, device):
     return parallel_stickbreaking_attn
 
 
+def _trim_unfilled_keys(key, value, attention_mask, query_length):
+    """Drop the key positions after the last one any query may see.
+
+    A static cache hands the whole preallocated buffer (K = max_cache_len) with its unfilled tail masked for every
+    query, while the op places query i at key position K - Q + i. transformers' masks always let the newest query see
+    its own position, so after the trim the keys end at the current token again. Exact: masked keys never break the
+    stick. (One host sync per call, only when a mask comes with more keys than queries.)
+    """
+    K = key.shape[2]
+    if attention_mask is None or K == query_length:
+        return key, value, attention_mask
+    seen = attention_mask.reshape(-1, attention_mask.shape[-1]).any(dim=0)  # (K,) or (1,) when broadcast
+    if seen.shape[0] != K:
+        return key, value, attention_mask
+    last_seen = int(torch.nonzero(seen).max()) + 1 if bool(seen.any()) else query_length
+    kv_length = max(last_seen, query_length)
+    if kv_length == K:
+        return key, value, attention_mask
+    return key[:, :, :kv_length], value[:, :, :kv_length], attention_mask[..., :kv_length]
+
+
+def _stickbreaking_options(module, query, scaling, dropout):
+    """(attend_current, remainder, scale, backend) from `module.config`, with the defaults of the official model."""
+    if dropout:
+        raise ValueError(f"`dropout` is not supported by stick-breaking attention, got {dropout!r}; set it to 0.")
+    config = getattr(module, "config", None)
+    attend_current = bool(getattr(config, "stickbreaking_attend_current", False))
+    remainder = getattr(config, "stickbreaking_remainder", "none")
+    if remainder not in REMAINDER_MODES:
+        raise ValueError(f"`stickbreaking_remainder` must be one of {REMAINDER_MODES}, got {remainder!r}.")
+    backend = os.environ.get(BACKEND_ENV_VAR) or getattr(config, "stickbreaking_backend", "auto")
+    scale = getattr(config, "stickbreaking_scale", None)
+    if scale is None:
+        scale = scaling
+    return attend_current, remainder, _resolve_scale(scale, query.shape[-1]), backend
+
+
+def _add_remainder(module, o, rem, value, remainder, H, G, Q, K, Dv):
+    """Give the unused stick rem_i to v_i (`"value"`) or to a learned per-head vector (`"bias"`); `o` is [B, HQ, Q, Dv]."""
+    if remainder == "value":
+        # The leftover stick goes to the value at the query's own key position (K - Q + i), shared within a GQA group.
+        own_value = value[:, :, K - Q :].unsqueeze(2)
+        return (o.unflatten(1, (H, G)) + rem.unflatten(1, (H, G)).unsqueeze(-1) * own_value.to(o.dtype)).flatten(1, 2)
+    if remainder == "bias":
+        bias = getattr(module, "stickbreaking_remainder_bias", None)
+        if bias is None or tuple(bias.shape) != (H * G, Dv):
+            got = None if bias is None else tuple(bias.shape)
+            raise ValueError(
+                f"`stickbreaking_remainder='bias'` needs `module.stickbreaking_remainder_bias` of shape {(H * G, Dv)}, "
+                f"got {got}."
+            )
+        return o + rem.unsqueeze(-1) * bias.to(o.dtype)[None, :, None, :]
+    return o
+
+
 def stickbreaking_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     r"""
     transformers `AttentionInterface` function for stick-breaking attention (registered as `"stickbreaking"`).
@@ -531,7 +592,8 @@ def stickbreaking_attention_forward(module, query, key, value, attention_mask, d
         module (torch.nn.Module):
             the attention module; for remainder "bias" it owns `stickbreaking_remainder_bias` of shape `[HQ, Dv]`.
         query (torch.Tensor): `[B, HQ, Q, D]`.
-        key (torch.Tensor): `[B, H, K, D]`, the whole cache when decoding (query i sits at key position K - Q + i).
+        key (torch.Tensor): `[B, H, K, D]`, the whole cache when decoding (query i sits at key position K - Q + i;
+            a static cache's unfilled tail, masked for every query, is dropped first).
         value (torch.Tensor): `[B, H, K, Dv]`.
         attention_mask (Optional[torch.Tensor]):
             None (causal), a bool mask broadcastable to `[B, HQ, Q, K]` (True = attend), or an additive float mask.
@@ -540,41 +602,34 @@ def stickbreaking_attention_forward(module, query, key, value, attention_mask, d
 
     Returns:
         attn_output (torch.Tensor): `[B, Q, HQ, Dv]`, contiguous.
-        attn_weights (None): always None, also with `output_attentions=True` (weights are never materialised).
+        attn_weights (None): the fast paths never materialise the weights; `eager_stickbreaking_attention_forward`
+            (the family's `attn_implementation="eager"`) returns them.
     """
-    if dropout:
-        raise ValueError(f"`dropout` is not supported by stick-breaking attention, got {dropout!r}; set it to 0.")
-    config = getattr(module, "config", None)
-    attend_current = bool(getattr(config, "stickbreaking_attend_current", False))
-    remainder = getattr(config, "stickbreaking_remainder", "none")
-    if remainder not in REMAINDER_MODES:
-        raise ValueError(f"`stickbreaking_remainder` must be one of {REMAINDER_MODES}, got {remainder!r}.")
-    backend = os.environ.get(BACKEND_ENV_VAR) or getattr(config, "stickbreaking_backend", "auto")
+    attend_current, remainder, scale, backend = _stickbreaking_options(module, query, scaling, dropout)
+    mask = _bool_attention_mask(attention_mask)
+    key, value, mask = _trim_unfilled_keys(key, value, mask, query.shape[2])
     B, H, G, Q, K, D, Dv = _check_attention_inputs(query, key, value, None)
-    scale = getattr(config, "stickbreaking_scale", None)
-    if scale is None:
-        scale = scaling
-    scale = _resolve_scale(scale, D)
-
     attention_op = _select_attention_op(backend, query.device)
-    o, rem = attention_op(
-        query, key, value, scale=scale, attend_current=attend_current,
-        attention_mask=_bool_attention_mask(attention_mask),
-    )
-    if remainder == "value":
-        # The leftover stick goes to the value at the query's own key position (K - Q + i), shared within a GQA group.
-        own_value = value[:, :, K - Q :].unsqueeze(2)
-        o = (o.unflatten(1, (H, G)) + rem.unflatten(1, (H, G)).unsqueeze(-1) * own_value).flatten(1, 2)
-    elif remainder == "bias":
-        bias = getattr(module, "stickbreaking_remainder_bias", None)
-        if bias is None or tuple(bias.shape) != (H * G, Dv):
-            got = None if bias is None else tuple(bias.shape)
-            raise ValueError(
-                f"`stickbreaking_remainder='bias'` needs `module.stickbreaking_remainder_bias` of shape {(H * G, Dv)}, "
-                f"got {got}."
-            )
-        o = o + rem.unsqueeze(-1) * bias.to(o.dtype)[None, :, None, :]
+    o, rem = attention_op(query, key, value, scale=scale, attend_current=attend_current, attention_mask=mask)
+    o = _add_remainder(module, o, rem, value, remainder, H, G, Q, K, Dv)
     return o.transpose(1, 2).contiguous(), None
+
+
+def eager_stickbreaking_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    """`stickbreaking_attention_forward` through the plain reference (`naive_stickbreaking_attn`, O(T^2) memory) that
+    also returns the weights A `[B, HQ, Q, K]` (for `output_attentions` and attention maps). The family runs it for
+    `attn_implementation="eager"` on a stick-breaking model."""
+    attend_current, remainder, scale, _ = _stickbreaking_options(module, query, scaling, dropout)
+    mask = _bool_attention_mask(attention_mask)
+    key, value, mask = _trim_unfilled_keys(key, value, mask, query.shape[2])
+    B, H, G, Q, K, D, Dv = _check_attention_inputs(query, key, value, mask)
+    o, rem, weights = naive_stickbreaking_attn(
+        query, key, value, scale=scale, attend_current=attend_current, attention_mask=mask, return_weights=True
+    )
+    o = _add_remainder(module, o, rem, value, remainder, H, G, Q, K, Dv)
+    return o.transpose(1, 2).contiguous(), weights.to(query.dtype)
 
 
 def register_stickbreaking_attention():
