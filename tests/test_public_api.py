@@ -17,6 +17,8 @@ def test_exports():
     assert set(hf_attn_variants.__all__) == {
         "AttnVariantLlamaConfig",
         "AttnVariantLlamaForCausalLM",
+        "AttnVariantLlamaForSequenceClassification",
+        "AttnVariantLlamaForTokenClassification",
         "AttnVariantLlamaModel",
         "AttnVariantLlamaPreTrainedModel",
         "__version__",

@@ -1,12 +1,14 @@
 """hf-attn-variants: stick-breaking attention and layerwise attention shortcuts as a transformers model family.
 
-Importing the package registers the `attn_variant_llama` family with `AutoConfig`, `AutoModel` and
-`AutoModelForCausalLM`, and the `"stickbreaking"` attention implementation with transformers' `AttentionInterface`.
+Importing the package registers the `attn_variant_llama` family with `AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM`, `AutoModelForSequenceClassification` and `AutoModelForTokenClassification`, and the `"stickbreaking"` attention implementation with transformers' `AttentionInterface`.
 """
 
 from .models import (
     AttnVariantLlamaConfig,
     AttnVariantLlamaForCausalLM,
+    AttnVariantLlamaForSequenceClassification,
+    AttnVariantLlamaForTokenClassification,
     AttnVariantLlamaModel,
     AttnVariantLlamaPreTrainedModel,
 )
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttnVariantLlamaConfig",
     "AttnVariantLlamaForCausalLM",
+    "AttnVariantLlamaForSequenceClassification",
+    "AttnVariantLlamaForTokenClassification",
     "AttnVariantLlamaModel",
     "AttnVariantLlamaPreTrainedModel",
     "__version__",

@@ -61,8 +61,7 @@ def plot_shortcut_attention(model, tokenizer, text: str, path, head: int | None 
 
     token_ids = _encode(tokenizer, text)
     input_ids = torch.tensor([token_ids], device=model.device)
-    # The shortcut's attention is the last element of `attentions` (token attentions, if any, come first).
-    shortcut_attention = model(input_ids=input_ids, output_attentions=True).attentions[-1][0].float()  # (H, T, |S|)
+    shortcut_attention = model(input_ids=input_ids, output_attentions=True).shortcut_attentions[0].float()  # (H, T, |S|)
     if head is None:
         attention = shortcut_attention.mean(dim=0)
     elif not 0 <= head < shortcut_attention.shape[0]:

@@ -243,8 +243,11 @@ def test_incremental_decoding_with_cache_equals_full_forward(mode, kv_heads):
             steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-12)
     if mode == "depth_context":
-        assert len(cache.layers) == 3 + 2 and cache.layers[3].get_seq_length() == 10 == cache.get_seq_length()
-        assert cache.layers[3].keys.shape == cache.layers[4].values.shape == (2, expected_kv_heads, 10, 8)
+        # One cache layer per decoder layer (transformers' contract); the shortcut's sources sit beside them.
+        assert len(cache.layers) == 3 and len(cache.shortcut_cache.layers) == 2
+        assert cache.shortcut_cache.layers[0].get_seq_length() == 10 == cache.get_seq_length()
+        shortcut_layers = cache.shortcut_cache.layers
+        assert shortcut_layers[0].keys.shape == shortcut_layers[1].values.shape == (2, expected_kv_heads, 10, 8)
 
 
 def test_crop_keeps_shortcut_cache_consistent():
@@ -254,20 +257,16 @@ def test_crop_keeps_shortcut_cache_consistent():
         full = model(ids).logits
         cache = model(ids[:, :8], use_cache=True).past_key_values
         cache.crop(-3)
-        assert all(layer.get_seq_length() == 5 for layer in cache.layers)
+        assert all(layer.get_seq_length() == 5 for layer in [*cache.layers, *cache.shortcut_cache.layers])
         resumed = model(ids[:, 5:], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(resumed, full[:, 5:], rtol=0, atol=1e-12)
 
 
-def test_cache_without_shortcut_slots_is_rejected_and_lazy_cache_works():
+@pytest.mark.parametrize("cache_factory", [lambda config: DynamicCache(config=config), lambda config: DynamicCache()])
+def test_cache_without_shortcut_slots_is_rejected(cache_factory):
     model = build_model("depth_context", dtype=torch.float64)
-    ids = random_ids(length=6)
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="AttnVariantLlamaShortcutCache"):
-            model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        lazy = model(ids, past_key_values=DynamicCache(), use_cache=True)
-        assert len(lazy.past_key_values.layers) == 5
-        torch.testing.assert_close(lazy.logits, model(ids).logits, rtol=0, atol=1e-12)
+    with torch.no_grad(), pytest.raises(ValueError, match="AttnVariantLlamaShortcutCache"):
+        model(random_ids(length=6), past_key_values=cache_factory(model.config), use_cache=True)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -329,13 +328,15 @@ def test_depth_context_is_causal():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_output_attentions_ends_with_the_shortcut_attention(mode):
+def test_output_attentions_has_one_entry_per_layer_and_the_shortcut_its_own_field(mode):
     model = build_model(mode, attn_implementation="eager")
     with torch.no_grad():
-        attentions = model(random_ids(), output_attentions=True).attentions
-    assert len(attentions) == 3 + 1
-    assert attentions[0].shape == (2, 4, 9, 9) and attentions[-1].shape == (2, 4, 9, 2)
-    torch.testing.assert_close(attentions[-1].sum(-1), torch.ones(2, 4, 9))
+        outputs = model(random_ids(), output_attentions=True)
+        without = model(random_ids())
+    assert len(outputs.attentions) == 3 and outputs.attentions[0].shape == (2, 4, 9, 9)
+    assert outputs.shortcut_attentions.shape == (2, 4, 9, 2)
+    torch.testing.assert_close(outputs.shortcut_attentions.sum(-1), torch.ones(2, 4, 9))
+    assert without.shortcut_attentions is None
 
 
 @pytest.mark.parametrize(

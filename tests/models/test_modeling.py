@@ -64,8 +64,9 @@ def test_config_rejects_contradictions(overrides, message):
         AttnVariantLlamaConfig(**tiny_config_kwargs(**overrides))
 
 
-def test_unknown_attn_implementation_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"'flashy'.*valid values are.*'eager'.*'sdpa'.*'shortcut'.*'stickbreaking'"):
+def test_unknown_attn_implementation_raises_transformers_error():
+    # transformers' own message (its contract, checked by its common tests), listing the registered names.
+    with pytest.raises(ValueError, match=r'`attn_implementation="flashy"` is not supported.*stickbreaking'):
         AttnVariantLlamaForCausalLM(AttnVariantLlamaConfig(**tiny_config_kwargs(), attn_implementation="flashy"))
 
 

@@ -35,9 +35,17 @@ def test_remote_code_round_trip(tmp_path, overrides):
         "AutoConfig": "configuration_attn_variant_llama.AttnVariantLlamaConfig",
         "AutoModel": "modeling_attn_variant_llama.AttnVariantLlamaModel",
         "AutoModelForCausalLM": "modeling_attn_variant_llama.AttnVariantLlamaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_attn_variant_llama.AttnVariantLlamaForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_attn_variant_llama.AttnVariantLlamaForTokenClassification",
     }
     copied = {f for f in os.listdir(model_dir) if f.endswith(".py")}
-    assert {"configuration_attn_variant_llama.py", "modeling_attn_variant_llama.py", "stickbreaking_torch.py"} <= copied
+    assert copied == {
+        "configuration_attn_variant_llama.py",
+        "modeling_attn_variant_llama.py",
+        "stickbreaking_torch.py",
+        "layer_shortcut.py",
+        "transformers_compat.py",
+    }
 
     inputs = {"input_ids": torch.randint(3, 99, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     inputs["attention_mask"][1, :3] = 0  # left padding exercises the mask path of the copied code

@@ -1,6 +1,8 @@
 from .attn_variant_llama import (
     AttnVariantLlamaConfig,
     AttnVariantLlamaForCausalLM,
+    AttnVariantLlamaForSequenceClassification,
+    AttnVariantLlamaForTokenClassification,
     AttnVariantLlamaModel,
     AttnVariantLlamaPreTrainedModel,
 )
@@ -8,6 +10,8 @@ from .attn_variant_llama import (
 __all__ = [
     "AttnVariantLlamaConfig",
     "AttnVariantLlamaForCausalLM",
+    "AttnVariantLlamaForSequenceClassification",
+    "AttnVariantLlamaForTokenClassification",
     "AttnVariantLlamaModel",
     "AttnVariantLlamaPreTrainedModel",
 ]

@@ -138,7 +138,14 @@ class AttnVariantLlamaAttention(nn.Module):
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if past_key_values is not None:
+            past_length = past_key_values.get_seq_length(self.layer_idx)
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            if self.config.attention_variant == "stickbreaking" and key_states.shape[2] > past_length + input_shape[1]:
+                # A static cache returns its whole buffer; stick-breaking places the queries at the end of the keys.
+                kv_length = int(past_length) + input_shape[1]
+                key_states, value_states = key_states[:, :, :kv_length], value_states[:, :, :kv_length]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[..., :kv_length]
 
         attn_output, attn_weights = self.attention_function()(
             self,

@@ -524,17 +524,22 @@ def _select_attention_op(backend, device):
 
 
 def _trim_unfilled_keys(key, value, attention_mask, query_length):
-    """Drop the key positions after the last one any query may see.
+    """Drop the key positions of a static cache that hold no token yet.
 
-    A static cache hands the whole preallocated buffer (K = max_cache_len) with its unfilled tail masked for every
-    query, while the op places query i at key position K - Q + i. transformers' masks always let the newest query see
-    its own position, so after the trim the keys end at the current token again. Exact: masked keys never break the
-    stick. (One host sync per call, only when a mask comes with more keys than queries.)
+    A static cache hands the whole preallocated buffer (K = max_cache_len), while the op places query i at key position
+    K - Q + i. Following transformers' masks: with a mask, its unfilled tail is masked for every query and the newest
+    query always sees its own position, so the keys are cut after the last visible one (exact: masked keys never break
+    the stick; one host sync); without a mask and K > Q > 1 the call is a prefill into an empty static cache (the only
+    case in which transformers skips the mask there), whose queries are the first Q positions.
     """
     K = key.shape[2]
-    if attention_mask is None or K == query_length:
+    if K == query_length:
         return key, value, attention_mask
-    seen = attention_mask.reshape(-1, attention_mask.shape[-1]).any(dim=0)  # (K,) or (1,) when broadcast
+    if attention_mask is None:
+        if query_length > 1:
+            return key[:, :, :query_length], value[:, :, :query_length], None
+        return key, value, None
+    seen = attention_mask.reshape(-1, attention_mask.shape[-1]).any(dim=0)  # (K,), or (1,) when broadcast
     if seen.shape[0] != K:
         return key, value, attention_mask
     last_seen = int(torch.nonzero(seen).max()) + 1 if bool(seen.any()) else query_length
