@@ -235,7 +235,7 @@ def test_backward_is_deterministic(blocks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_saturated_logits(dtype):
-    """|z| up to 30: softplus cutoff and fp32 cumsum matter here (the official bf16 cumsum loses ~10% per weight)."""
+    """|z| up to 30: softplus at large |z| and the fp32 cumsum matter here (a bf16 cumsum loses ~10% per weight)."""
     B, HQ, H, T, D = 1, 2, 2, 32, 16
     q, k, v, do, drem = make_inputs(B, HQ, H, T, T, D, D, torch.float32, seed=5)
     z = (q.detach() @ k.detach().transpose(-1, -2)).abs().max().item()
@@ -248,6 +248,27 @@ def test_saturated_logits(dtype):
     tol = TOL[dtype] if dtype == torch.float32 else dict.fromkeys(TOL[dtype], 1e-2)
     for name, r, t in zip(("o", "rem", "dq", "dk", "dv"), ref, tri):
         assert_close(name, r, t, tol[name])
+
+
+# The kernels' error budget at large logits, against the float64 reference. With the old hard softplus cutoff
+# (softplus2(x) = x above x = 15) and beta = 2^(x - softplus2(x)) these shapes gave o 5e-6..9e-6 and dq/dk
+# 3e-5..8e-5; an exact softplus with log2 beta formed directly gives <= 4e-7 and <= 8e-7 (PyTorch path: ~2.5e-6 on dq).
+LARGE_LOGIT_TOL = dict(o=2e-6, rem=2e-6, dq=3e-6, dk=3e-6, dv=2e-6)
+
+
+@pytest.mark.parametrize("zmax,bm_bn", [(30, None), (45, (16, 16)), (60, None), (60, (16, 16))],
+                         ids=["z30", "z45-blocks16", "z60", "z60-blocks16"])
+def test_large_logits_fp32_accuracy(zmax, bm_bn, blocks):
+    blocks(bm_bn)
+    q, k, v, do, drem = make_inputs(1, 2, 2, 32, 32, 16, 16, torch.float32, seed=6)
+    scale = zmax / (q.detach() @ k.detach().transpose(-1, -2)).abs().max().item()  # the largest |logit| is zmax
+    ref = reference(q, k, v, do, drem, scale=scale)
+    tri = run(parallel_stickbreaking_attn, q, k, v, do, drem, scale=scale)
+    for name, r, t in zip(("o", "rem", "dq", "dk", "dv"), ref, tri):
+        assert_close(name, r, t, LARGE_LOGIT_TOL[name])
+    o, rem = decode_stickbreaking_attn(q[:, :, -4:].detach(), k.detach(), v.detach(), scale=scale, num_splits=3)
+    assert_close("decode o", ref[0][:, :, -4:], o, LARGE_LOGIT_TOL["o"])
+    assert_close("decode rem", ref[1][:, :, -4:], rem, LARGE_LOGIT_TOL["rem"])
 
 
 def test_custom_ops_registered_and_opcheck():
@@ -279,26 +300,109 @@ def test_torch_compile_traces_through():
         torch.testing.assert_close(a, b)
 
 
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: rejections must happen on the host, before the kernels see bad input."""
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched before the input was rejected")
+
+    for module, name in ((sb_parallel, "_sb_fwd_kernel"), (sb_parallel, "_sb_bwd_dq_kernel"),
+                         (sb_parallel, "_sb_bwd_dkv_kernel"), (sb_decoding, "_sb_decode_kernel")):
+        monkeypatch.setattr(module, name, _NoLaunch())
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(q=torch.zeros(2, 4, 8)), "`q` must be a 4-D"),
+        (dict(q=torch.zeros(2, 4, 8)), r"`q` must be a 4-D"),
+        (dict(q=[[0.0]]), r"`q` must be a torch.Tensor, got list"),
         (dict(q=torch.zeros(1, 3, 8, 16)), "multiple of `k` heads"),
         (dict(q=torch.zeros(1, 4, 9, 16)), "must not exceed `k` length"),
         (dict(q=torch.zeros(1, 4, 8, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
         (dict(q=torch.zeros(1, 4, 8, 512), k=torch.zeros(1, 2, 8, 512)), "up to 256"),
+        (dict(q=torch.zeros(1, 4, 8, 0), k=torch.zeros(1, 2, 8, 0)), r"from 1 up to 256 .* got D=0"),
+        (dict(q=torch.zeros(1, 0, 8, 16), k=torch.zeros(1, 0, 8, 16), v=torch.zeros(1, 0, 8, 16)),
+         "at least one head, got 0 query heads and 0 kv heads"),
         (dict(attention_mask=torch.zeros(1, 1, 8, 8)), "bool"),
+        (dict(attention_mask=torch.zeros(1, 3, 8, 8, dtype=torch.bool)), r"must broadcast to \(B, HQ, Q, K\)"),
+        (dict(scale=float("nan")), r"`scale` must be a finite number or None, got nan"),
+        (dict(scale=float("inf")), r"`scale` must be a finite number or None, got inf"),
+        (dict(scale=-float("inf")), r"got -inf"),
+        (dict(scale="0.25"), r"got '0.25'"),
         (dict(q=torch.zeros(2, 4, 8, 16), k=torch.zeros(2, 2, 8, 16), v=torch.zeros(2, 2, 8, 16),
-              cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), "batch size 1"),
-        (dict(cu_seqlens=torch.tensor([0, 8])), "int32"),
+              cu_seqlens=_i32(0, 8)), "batch size 1"),
+        (dict(cu_seqlens=torch.tensor([0.0, 8.0])), r"1-D int32 or int64 tensor .* got torch.float32"),
+        (dict(cu_seqlens=_i32(0, 8).view(1, 2)), r"1-D int32 or int64 tensor .* shape \(1, 2\)"),
+        (dict(cu_seqlens=_i32(0)), r"at least 2 entries, got torch.int32 with shape \(1,\)"),
+        (dict(cu_seqlens=[0, 8]), r"`cu_seqlens` must be a torch.Tensor or None, got list"),
+        (dict(cu_seqlens=_i32(1, 8)), r"must start at 0, got cu_seqlens\[0\] = 1 in \[1, 8\]"),
+        (dict(cu_seqlens=_i32(0, 5, 3, 8)), r"non-decreasing, got cu_seqlens\[1\] = 5 > cu_seqlens\[2\] = 3"),
+        # past the end: the kernels would write out of bounds (heap corruption under the interpreter)
+        (dict(cu_seqlens=_i32(0, 3, 100)), r"end at the packed length T = 8 .* got cu_seqlens\[-1\] = 100"),
+        # short of the end: rows 6 and 7 would be returned uninitialised
+        (dict(cu_seqlens=_i32(0, 3, 6)), r"end at the packed length T = 8 .* got cu_seqlens\[-1\] = 6"),
+        (dict(cu_seqlens=torch.arange(0, 41, dtype=torch.int32)),
+         r"cu_seqlens\[-1\] = 40 in \[0, 1, 2, 3, 4, 5, 6, 7, \.\.\., 33, 34, 35, 36, 37, 38, 39, 40\]"),
+        (dict(cu_seqlens=_i32(0, 8), attention_mask=torch.ones(8, 8, dtype=torch.bool)), "not supported together"),
+        (dict(q=torch.zeros(1, 4, 4, 16), cu_seqlens=_i32(0, 4)), "same length, got 4 and 8"),
     ],
-    ids=["ndim", "gqa", "q>k", "dtype", "d>256", "mask-dtype", "cu-batch", "cu-dtype"],
+    ids=["ndim", "not-tensor", "gqa", "q>k", "dtype", "d>256", "d0", "heads0", "mask-dtype", "mask-shape",
+         "scale-nan", "scale-inf", "scale-neginf", "scale-str", "cu-batch", "cu-dtype", "cu-2d", "cu-one-entry",
+         "cu-list", "cu-start", "cu-decreasing", "cu-past-end", "cu-short-of-end", "cu-long-preview",
+         "cu-with-mask", "cu-q-neq-k"],
 )
-def test_input_validation(kwargs, match):
+def test_input_validation(kwargs, match, no_launch):
     args = dict(q=torch.zeros(1, 4, 8, 16), k=torch.zeros(1, 2, 8, 16), v=torch.zeros(1, 2, 8, 16))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         parallel_stickbreaking_attn(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=torch.zeros(1, 4, 0, 16), k=torch.zeros(1, 2, 0, 16), v=torch.zeros(1, 2, 0, 16)),
+         r"at least one batch row, one query and one cached key .* got B=1, Q=0, K=0"),
+        (dict(q=torch.zeros(1, 4, 0, 16)), r"got B=1, Q=0, K=8"),
+        (dict(q=torch.zeros(0, 4, 1, 16), k=torch.zeros(0, 2, 8, 16), v=torch.zeros(0, 2, 8, 16)),
+         r"got B=0, Q=1, K=8"),
+        (dict(num_splits=0), r"`num_splits` must be an int >= 1 or None, got 0"),
+        (dict(num_splits=1.5), r"got 1.5"),
+        (dict(scale=float("nan")), r"`scale` must be a finite number or None, got nan"),
+        (dict(q=torch.zeros(1, 4, 9, 16)), "must not exceed `k` length"),
+    ],
+    ids=["k0", "q0", "b0", "splits0", "splits-float", "scale-nan", "q>k"],
+)
+def test_decode_input_validation(kwargs, match, no_launch):
+    args = dict(q=torch.zeros(1, 4, 1, 16), k=torch.zeros(1, 2, 8, 16), v=torch.zeros(1, 2, 8, 16))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        decode_stickbreaking_attn(**args)
+
+
+def test_cu_seqlens_int64_matches_int32():
+    q, k, v, _, _ = make_inputs(1, 2, 1, 12, 12, 16, 16, torch.float32)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    cu = [0, 5, 5, 12]  # an empty sequence in the middle is allowed
+    o32, rem32 = parallel_stickbreaking_attn(q, k, v, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE))
+    o64, rem64 = parallel_stickbreaking_attn(q, k, v, cu_seqlens=torch.tensor(cu, dtype=torch.int64, device=DEVICE))
+    assert torch.equal(o32, o64) and torch.equal(rem32, rem64)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 2, 8, 8), (1, 4, 2, 0, 8), (1, 4, 2, 0, 0)], ids=["B0", "Q0", "Q0-K0"])
+def test_empty_inputs_give_empty_outputs(shape):
+    # like the PyTorch path: empty batches or lengths are meaningful and launch nothing that could misbehave
+    B, HQ, H, Q, K = shape
+    q, k, v, do, drem = make_inputs(B, HQ, H, Q, K, 16, 24, torch.float32)
+    o, rem, dq, dk, dv = run(parallel_stickbreaking_attn, q, k, v, do, drem)
+    assert o.shape == (B, HQ, Q, 24) and rem.shape == (B, HQ, Q)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert not dk.any() and not dv.any()  # keys no query sees get zero gradient
 
 
 _NO_TRITON_CHILD = r'''

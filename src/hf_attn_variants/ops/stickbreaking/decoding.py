@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import IS_INTERPRET, LOG2E, _check_inputs, _launch_meta, _mask_args, _pow2, _softplus2
+from .common import (
+    IS_INTERPRET, LOG2E, _check_inputs, _launch_meta, _log2_stick_block, _mask_args, _pow2, _resolve_scale,
+)
 
 
 @triton.jit
@@ -86,8 +88,7 @@ def _sb_decode_kernel(
             bm = tl.load(mask + i_b * sm_b + i_hq[:, None] * sm_h + i_q[:, None] * sm_q + cols[None, :] * sm_k,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
             vis = vis & (bm != 0)
-        lomb = tl.where(vis, -_softplus2(z2), 0.0)
-        log_p = z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_rem[:, None]
+        log_p, _, lomb = _log2_stick_block(z2, vis, log_rem)
         p = tl.where(vis, tl.exp2(log_p), 0.0)
         acc += tl.dot(p.to(bv.dtype), bv, input_precision=DOT_PRECISION)
         log_rem += tl.sum(lomb, axis=1)
@@ -129,9 +130,9 @@ def decode_stickbreaking_attn(
 
     Args:
         q (torch.Tensor): new queries `[B, HQ, Q, D]`, Q small (e.g. 1 for token-by-token decoding); any strides.
-        k (torch.Tensor): cached keys `[B, H, K, D]` including the new tokens; `HQ % H == 0`.
+        k (torch.Tensor): cached keys `[B, H, K, D]` including the new tokens, K >= Q >= 1; `HQ % H == 0`.
         v (torch.Tensor): cached values `[B, H, K, Dv]`.
-        scale (Optional[float]): logit scale. Default: `D ** -0.5`.
+        scale (Optional[float]): logit scale, a finite number. Default: `D ** -0.5`.
         attend_current (bool): whether query i sees the key at its own position K - Q + i. Default: `False`.
         attention_mask (Optional[torch.Tensor]): bool, broadcastable to `[B, HQ, Q, K]`, True = visible.
             Default: `None`.
@@ -141,9 +142,16 @@ def decode_stickbreaking_attn(
         o (torch.Tensor): `[B, HQ, Q, Dv]` in q.dtype; rem (torch.Tensor): `[B, HQ, Q]` in q.dtype.
     """
     _check_inputs(q, k, v, attention_mask)
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"`num_splits` must be >= 1, got {num_splits}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    B, _, Qn, _ = q.shape
+    Kn = k.shape[2]
+    if B < 1 or Qn < 1 or Kn < 1:
+        raise ValueError(
+            f"`decode_stickbreaking_attn` needs at least one batch row, one query and one cached key (the cache "
+            f"includes the new tokens), got B={B}, Q={Qn}, K={Kn}; use `parallel_stickbreaking_attn` for empty inputs."
+        )
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"`num_splits` must be an int >= 1 or None, got {num_splits!r}.")
+    scale = _resolve_scale(scale, q.shape[-1])
     return torch.ops.hf_attn_variants.sb_decode(q, k, v, attention_mask, scale, bool(attend_current),
                                                 0 if num_splits is None else int(num_splits))
 

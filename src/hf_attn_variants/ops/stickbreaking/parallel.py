@@ -17,7 +17,8 @@ Visibility: query i sits at key position K - Q + i (decode / chunked prefill ove
 j < K - Q + i (or <= with ``attend_current``) and ``attention_mask`` allows it. Masked keys do not break the stick
 (their -softplus term is 0). A row without visible keys gets o = 0, rem = 1.
 
-Kernels (all arithmetic in fp32, logs in base 2 so the hardware exp2/log2 are used; ``scale2 = s * log2(e)``):
+Kernels (all arithmetic in fp32, logs in base 2 so the hardware exp2/log2 are used; ``scale2 = s * log2(e)``; the
+per-block log math, softplus without cutoff included, is ``common._log2_stick_block``, shared with ``decoding.py``):
 
 * ``_sb_fwd_kernel``: one program per (query block, head). Visits key blocks nearest-first, fusing
   q@k^T, softplus, the in-block reverse cumsum (``tl.cumsum`` in fp32, not the official bf16 triangular matmul,
@@ -35,15 +36,16 @@ The host side picks blocks, wraps the kernels in ``torch.library`` custom ops (`
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-IS_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
+from . import decoding
+from .common import (
+    IS_INTERPRET, LOG2E, _check_inputs, _launch_meta, _log2_stick_block, _mask_args, _pow2, _resolve_scale,
+)
 
 # Tests set this to (BLOCK_M, BLOCK_N) to force several blocks on tiny inputs; None = automatic choice.
 _FORCE_BLOCKS: Optional[tuple[int, int]] = None
@@ -56,13 +58,6 @@ _DECODE_MIN_KEYS = 512
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softplus2(x):
-    # log2(1 + 2^x). Above 15 the correction log2(1 + 2^-x) < 2^-15/ln2 is dropped and 2^x never overflows
-    # the where() it feeds. Plain exp2/log2 instead of the official inline PTX, so it runs anywhere.
-    return tl.where(x > 15.0, x, tl.log2(1.0 + tl.exp2(x)))
 
 
 @triton.jit
@@ -140,9 +135,9 @@ def _sb_fwd_kernel(
             bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
             vis = vis & (bm != 0)
-        lomb = tl.where(vis, -_softplus2(z2), 0.0)  # log2(1 - beta); 0 for masked keys: they do not break the stick
+        # lomb = log2(1 - beta), 0 for masked keys: they do not break the stick
+        log_p, _, lomb = _log2_stick_block(z2, vis, log_rem)
         tl.store(snap + snap_row + i_kb, log_rem, mask=row_ok)
-        log_p = z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_rem[:, None]
         p = tl.where(vis, tl.exp2(log_p), 0.0)  # log_p <= 0: no running max needed, unlike softmax
         acc += tl.dot(p.to(bv.dtype), bv, input_precision=DOT_PRECISION)
         log_rem += tl.sum(lomb, axis=1)
@@ -219,10 +214,10 @@ def _sb_bwd_dq_kernel(
             bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
             vis = vis & (bm != 0)
-        lomb = tl.where(vis, -_softplus2(z2), 0.0)
         log_near = tl.load(snap + snap_row + i_kb, mask=row_ok, other=0.0)
-        a = tl.where(vis, tl.exp2(z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_near[:, None]), 0.0)
-        beta = tl.where(vis, tl.exp2(z2 + lomb), 0.0)
+        log_a, log_beta, _ = _log2_stick_block(z2, vis, log_near)
+        a = tl.where(vis, tl.exp2(log_a), 0.0)
+        beta = tl.where(vis, tl.exp2(log_beta), 0.0)
         dp = tl.dot(bdo, bvt, input_precision=DOT_PRECISION)
         g = a * (dp - bdrem[:, None])
         tl.store(gsnap + snap_row + i_kb, g_far, mask=row_ok)
@@ -305,9 +300,9 @@ def _sb_bwd_dkv_kernel(
                 bm = tl.load(mask + i_b * sm_b + i_hq * sm_h + rows[:, None] * sm_q + cols[None, :] * sm_k,
                              mask=row_ok[:, None] & col_ok[None, :], other=0)
                 vis = vis & (bm != 0)
-            lomb = tl.where(vis, -_softplus2(z2), 0.0)
-            a = tl.where(vis, tl.exp2(z2 + tl.cumsum(lomb, axis=1, reverse=True) + log_near[:, None]), 0.0)
-            beta = tl.where(vis, tl.exp2(z2 + lomb), 0.0)
+            log_a, log_beta, _ = _log2_stick_block(z2, vis, log_near)
+            a = tl.where(vis, tl.exp2(log_a), 0.0)
+            beta = tl.where(vis, tl.exp2(log_beta), 0.0)
             dp = tl.dot(bdo, tl.trans(bv), input_precision=DOT_PRECISION)
             g = a * (dp - bdrem[:, None])
             dz = tl.where(vis, g - beta * (g_far[:, None] + tl.cumsum(g, axis=1)), 0.0)
@@ -327,10 +322,6 @@ def _sb_bwd_dkv_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
-
 def _pick_blocks(max_q: int, max_k: int, d: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) shared by forward and backward (the snapshots are indexed by key block)."""
     if _FORCE_BLOCKS is not None:
@@ -342,25 +333,6 @@ def _pick_blocks(max_q: int, max_k: int, d: int) -> tuple[int, int]:
     # 64x32 tiles with 8 warps compile without spills for D <= 128 in all three kernels; 64x64 spills in the
     # backward (the fp32 score tile, its cumsum and the masks are all live at once). D = 256 spills least at 32x32.
     return (64, 32) if d <= 128 else (32, 32)
-
-
-def _launch_meta(q: torch.Tensor, d: int, dv: int, block_m: int) -> dict:
-    return dict(
-        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        UPCAST=IS_INTERPRET or q.dtype == torch.float32,
-        # fp32 inputs are the accuracy reference: do not let TF32 round them on GPU
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_m >= 64 else 4,
-        num_stages=1 if IS_INTERPRET else 2,
-    )
-
-
-def _mask_args(mask: Optional[torch.Tensor], shape: tuple[int, int, int, int], device):
-    if mask is None:
-        return torch.empty(1, dtype=torch.uint8, device=device), (0, 0, 0, 0)
-    # broadcast without copying (stride 0), then read the bools as bytes
-    m = mask.expand(shape).view(torch.uint8)
-    return m, tuple(m.stride())
 
 
 def _seq_meta(q, k, cu_seqlens, max_seqlen):
@@ -497,53 +469,46 @@ class ParallelStickbreakingAttnFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, attention_mask=None, cu_seqlens=None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise ValueError(f"`{name}` must be a 4-D tensor (B, H, T, D), got shape {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"`{name}` must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"`q`, `k`, `v` must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, HQ, Qn, D = q.shape
-    Bk, H, Kn, Dk = k.shape
-    if Bk != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: `q` {B}, `k` {Bk}, `v` {v.shape[0]}")
-    if tuple(v.shape[1:3]) != (H, Kn):
-        raise ValueError(f"`v` must have shape (B, {H}, {Kn}, Dv) like `k`, got {tuple(v.shape)}")
-    if Dk != D:
-        raise ValueError(f"`k` head dim must equal `q` head dim {D}, got {Dk}")
-    if D > 256 or v.shape[-1] > 256:
-        raise ValueError(f"head dims up to 256 are supported, got D={D}, Dv={v.shape[-1]}")
-    if HQ % H != 0:
-        raise ValueError(f"`q` heads ({HQ}) must be a multiple of `k` heads ({H}) for GQA")
-    if Qn > Kn:
-        raise ValueError(f"`q` length must not exceed `k` length: got Q={Qn} > K={Kn}")
+def _preview(values: list, n: int = 8) -> str:
+    return str(values) if len(values) <= 2 * n else f"[{str(values[:n])[1:-1]}, ..., {str(values[-n:])[1:-1]}]"
+
+
+def _check_cu_seqlens(cu_seqlens, q, k, attention_mask) -> int:
+    """Validate packed-sequence boundaries (the kernels would read and write out of bounds on bad ones); return the
+    longest sequence length. Copies `cu_seqlens` to the host once, which the block choice needs anyway."""
+    B, _, Qn, _ = q.shape
+    Kn = k.shape[2]
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"`cu_seqlens` must be a torch.Tensor or None, got {type(cu_seqlens).__name__}.")
+    if cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"`cu_seqlens` must be a 1-D int32 or int64 tensor [0, l1, l1+l2, ..., T] with at least 2 entries, "
+            f"got {cu_seqlens.dtype} with shape {tuple(cu_seqlens.shape)}."
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"`cu_seqlens` must be on the device of `q` ({q.device}), got {cu_seqlens.device}.")
+    if B != 1:
+        raise ValueError(f"`cu_seqlens` requires batch size 1 (sequences packed along T), got B={B}.")
+    if Qn != Kn:
+        raise ValueError(f"with `cu_seqlens`, `q` and `k` must have the same length, got {Qn} and {Kn}.")
     if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:
-            raise ValueError(f"`attention_mask` must be a bool tensor (True = visible), got {attention_mask.dtype}")
-        try:
-            torch.broadcast_shapes(attention_mask.shape, (B, HQ, Qn, Kn))
-            ok = attention_mask.ndim <= 4
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"`attention_mask` must broadcast to (B, HQ, Q, K) = {(B, HQ, Qn, Kn)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"`cu_seqlens` requires batch size 1 (packed sequences), got B={B}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"`cu_seqlens` must be a 1-D int32 tensor [0, l1, l1+l2, ...], got {cu_seqlens.dtype} "
-                f"with shape {tuple(cu_seqlens.shape)}"
-            )
-        if Qn != Kn:
-            raise ValueError(f"with `cu_seqlens`, `q` and `k` must have the same length, got {Qn} and {Kn}")
-        if attention_mask is not None:
-            raise ValueError("`attention_mask` is not supported together with `cu_seqlens`")
+        raise ValueError("`attention_mask` is not supported together with `cu_seqlens`; pass one or the other.")
+    cu = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if cu[0] != 0:
+        raise ValueError(f"`cu_seqlens` must start at 0, got cu_seqlens[0] = {cu[0]} in {_preview(cu)}.")
+    if min(lengths) < 0:
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(
+            f"`cu_seqlens` must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > cu_seqlens[{i + 1}] = {cu[i + 1]} "
+            f"in {_preview(cu)}."
+        )
+    if cu[-1] != Qn:
+        raise ValueError(
+            f"`cu_seqlens` must end at the packed length T = {Qn} (q.shape[2]), got cu_seqlens[-1] = {cu[-1]} "
+            f"in {_preview(cu)}."
+        )
+    return max(lengths)
 
 
 def parallel_stickbreaking_attn(
@@ -561,40 +526,40 @@ def parallel_stickbreaking_attn(
         q (torch.Tensor): queries of shape `[B, HQ, Q, D]` (any strides, e.g. a transposed `[B, Q, HQ, D]` view).
         k (torch.Tensor): keys of shape `[B, H, K, D]`; `HQ % H == 0` (GQA: query head h reads kv head h // (HQ//H)).
         v (torch.Tensor): values of shape `[B, H, K, Dv]`.
-        scale (Optional[float]): logit scale s in z = s q.k. Default: `D ** -0.5`.
+        scale (Optional[float]): logit scale s in z = s q.k, a finite number. Default: `D ** -0.5`.
         attend_current (bool): whether query i sees the key at its own position. Default: `False`.
         attention_mask (Optional[torch.Tensor]): bool, broadcastable to `[B, HQ, Q, K]`, True = visible (e.g. a
             padding mask). Masked keys do not break the stick. Default: `None`.
-        cu_seqlens (Optional[torch.Tensor]): int32 `[N+1]` cumulative lengths `[0, l1, l1+l2, ...]` of N packed
-            sequences; then B must be 1 and Q == K. Default: `None`.
+        cu_seqlens (Optional[torch.Tensor]): int32 or int64 `[N+1]` cumulative lengths `[0, l1, l1+l2, ..., T]` of
+            N packed sequences (non-decreasing, ending at the packed length T); then B must be 1 and Q == K.
+            Default: `None`.
 
     Query i sits at key position K - Q + i (decode / chunked prefill over a cache). Without gradients, Q <= 16 and
     K >= 512 this routes to the split-K kernel `decode_stickbreaking_attn`.
 
     Memory: besides o and rem, the forward keeps an fp32 snapshot of the log-stick per (row, key block of
     BLOCK_N keys), B * HQ * Q * ceil(K / BLOCK_N) floats, and the backward a second one of the same size. With
-    `cu_seqlens` the longest sequence is read on the host (one `.item()` sync, a graph break under torch.compile).
+    `cu_seqlens` it is validated and its longest sequence found on the host (one device-to-host copy, a sync and a
+    graph break under torch.compile). Empty batches or lengths (B, Q or K = 0) give empty outputs.
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in q.dtype.
         rem (torch.Tensor): `[B, HQ, Q]` in q.dtype, the stick left over, prod_j (1 - beta_ij).
     """
-    _check_inputs(q, k, v, attention_mask, cu_seqlens)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
+    _check_inputs(q, k, v, attention_mask)
+    max_seqlen = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q, k, attention_mask)
+    scale = _resolve_scale(scale, q.shape[-1])
     attend_current = bool(attend_current)
-    Qn, Kn = q.shape[2], k.shape[2]
+    B, _, Qn, _ = q.shape
+    Kn = k.shape[2]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if cu_seqlens is None and not needs_grad and Qn <= _DECODE_MAX_QUERIES and Kn >= _DECODE_MIN_KEYS:
-        from .decoding import decode_stickbreaking_attn
-
-        return decode_stickbreaking_attn(q, k, v, scale=scale, attend_current=attend_current,
-                                         attention_mask=attention_mask)
+    if (cu_seqlens is None and not needs_grad and B > 0 and 0 < Qn <= _DECODE_MAX_QUERIES
+            and Kn >= _DECODE_MIN_KEYS):
+        # looked up on the module so tests can spy on it
+        return decoding.decode_stickbreaking_attn(q, k, v, scale=scale, attend_current=attend_current,
+                                                  attention_mask=attention_mask)
     if cu_seqlens is None:
         max_seqlen = Kn
-    else:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     block_m, block_n = _pick_blocks(Qn if cu_seqlens is None else max_seqlen, max_seqlen, q.shape[-1])
     return ParallelStickbreakingAttnFunction.apply(
         q, k, v, attention_mask, cu_seqlens, scale, attend_current, max_seqlen, block_m, block_n
