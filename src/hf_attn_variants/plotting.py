@@ -1,4 +1,4 @@
-"""Plots of what the layerwise attention shortcut attends to (needs the `plot` extra: `pip install hf-attn-variants[plot]`)."""
+"""Plots of what the layerwise attention shortcut attends to (needs the `plot` extra: `pip install "./hf-attn-variants[plot]"` from a clone)."""
 
 import numpy as np
 import torch
@@ -9,7 +9,7 @@ def _matplotlib_figure_class():
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(
-            "Plotting needs matplotlib: install the `plot` extra, `pip install hf-attn-variants[plot]`."
+            "Plotting needs matplotlib: install the `plot` extra, `pip install './hf-attn-variants[plot]'` from a clone."
         ) from error
     return Figure
 

@@ -517,7 +517,7 @@ def _select_attention_op(backend, device):
         if backend == "triton":
             raise ImportError(
                 "`stickbreaking_backend='triton'` needs the `hf_attn_variants` package with Triton installed "
-                "(pip install 'hf-attn-variants[triton]')."
+                "(from its repository: pip install './hf-attn-variants[triton]')."
             ) from error
         return blockwise_stickbreaking_attn
     return parallel_stickbreaking_attn
