@@ -517,3 +517,71 @@ def test_stock_llama_greedy_generate_with_cache_equals_without(tiny_stock_llama)
         cached = tiny_stock_llama.generate(**common, use_cache=True)
         uncached = tiny_stock_llama.generate(**common, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+# --- decode path: few queries, no gradient --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "HQ, H, Q, K, Dv, attend_current, std, first_chunk",
+    [
+        pytest.param(4, 2, 1, 1, 8, True, 1.0, 256, id="K1"),
+        pytest.param(4, 2, 1, 37, 8, False, 1.0, 256, id="Q1-one-chunk"),
+        pytest.param(6, 2, 1, 700, 5, False, 0.05, 16, id="Q1-long-stick-many-chunks"),
+        pytest.param(6, 3, 3, 300, 8, True, 0.3, 16, id="Q3-band-chunks-attend-current"),
+        pytest.param(4, 4, 16, 16, 8, False, 1.0, 4, id="Q16-equals-K"),
+        pytest.param(4, 1, 16, 500, 7, False, 0.05, 32, id="Q16-MQA-odd-Dv"),
+    ],
+)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "padding"])
+def test_decode_path_matches_reference(monkeypatch, HQ, H, Q, K, Dv, attend_current, std, first_chunk, with_mask):
+    """No-grad calls with Q <= 16 take the chunked decode path: exact to the float64 reference."""
+    from hf_attn_variants.models.attn_variant_llama import stickbreaking_torch
+
+    monkeypatch.setattr(stickbreaking_torch, "DECODE_FIRST_CHUNK", first_chunk)
+    q, k, v = make_qkv(2, HQ, H, Q, K, 16, Dv, dtype=torch.float64, std=std)
+    if std < 0.1:  # small logits: beta ~ 1/2, and a negative offset makes the stick reach far keys
+        q = q - 0.6 * k.mean(dim=2, keepdim=True).repeat_interleave(HQ // H, dim=1)[..., :1]
+    mask = None
+    if with_mask:
+        mask = (torch.rand(2, 1, 1, K, generator=torch.Generator().manual_seed(3)) > 0.3).expand(2, 1, Q, K)
+        mask = mask.clone()
+        mask[1, :, :, :] = False  # a fully masked batch row gives zeros and rem = 1
+    ref_o, ref_rem = naive_stickbreaking_attn(q, k, v, attend_current=attend_current, attention_mask=mask)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        with torch.no_grad():
+            o, rem = blockwise_stickbreaking_attn(
+                q.to(dtype), k.to(dtype), v.to(dtype), attend_current=attend_current, attention_mask=mask
+            )
+        assert_close(f"o {dtype}", ref_o, o, tol)
+        assert_close(f"rem {dtype}", ref_rem, rem, tol)
+    if with_mask:
+        assert not o[1].any() and torch.all(rem[1] == 1)
+
+
+def test_decode_path_extreme_logits_and_bf16():
+    q, k, v = make_qkv(1, 4, 2, 2, 200, 16, std=3.0, dtype=torch.float64)  # |z| up to ~100
+    ref_o, ref_rem = naive_stickbreaking_attn(q, k, v)
+    with torch.no_grad():
+        o, rem = blockwise_stickbreaking_attn(q.float(), k.float(), v.float())
+        o16, _ = blockwise_stickbreaking_attn(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert_close("o", ref_o, o, 1e-5)
+    assert_close("rem", ref_rem, rem, 1e-5)
+    assert o16.dtype == torch.bfloat16 and relative_rms_error(ref_o, o16) < 2e-2
+
+
+def test_decode_path_is_used_only_without_gradients(monkeypatch):
+    from hf_attn_variants.models.attn_variant_llama import stickbreaking_torch
+
+    calls = []
+    original = stickbreaking_torch._decode_stickbreaking_attn
+    monkeypatch.setattr(stickbreaking_torch, "_decode_stickbreaking_attn", lambda *a: calls.append(1) or original(*a))
+    q, k, v = make_qkv(1, 2, 2, 4, 30, 8)
+    with torch.no_grad():
+        blockwise_stickbreaking_attn(q, k, v)
+    assert calls == [1]
+    got = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v)  # with gradients: the blockwise autograd op
+    ref = outputs_and_grads(naive_stickbreaking_attn, q.double(), k.double(), v.double())
+    assert calls == [1]
+    for name in QUANTITIES:
+        assert_close(name, ref[name], got[name], 1e-5)

@@ -62,6 +62,9 @@ BACKEND_ENV_VAR = "HF_ATTN_VARIANTS_SB_BACKEND"
 # 128 x 128 score blocks measured fastest on a 2-core AVX2 CPU (256 was ~10% slower, cache misses) and keep a
 # block's few temporaries (B * HQ * 128 * 128 fp32 each) small next to o.
 DEFAULT_BLOCK_SIZE = 128
+# Up to this many queries without gradients (decoding, speculative verification) take one fused pass over all keys.
+DECODE_MAX_QUERIES = 16
+DECODE_FIRST_CHUNK = 256  # keys of the decode path's first (nearest) chunk; later chunks are 4x larger each
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks and shared helpers
@@ -482,7 +485,66 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
         block_size = DEFAULT_BLOCK_SIZE
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad:
+        return _decode_stickbreaking_attn(q, k, v, scale, bool(attend_current), attention_mask)
     return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size)
+
+
+def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask):
+    """Few queries over many keys (decoding), forward only, in a few large nearest-first chunks of keys.
+
+    The blockwise loop pays ~0.4 ms of per-block overhead that decoding cannot amortise. Here the score matrix of a
+    chunk is only (G*Q, n) per kv head, and the chunks grow geometrically (256, 1024, 4096, ... keys), so a short
+    stick costs one chunk (the op stops once every query's stick is below e^-86, exactly as the blockwise op does)
+    and a stick that reaches the whole cache only a few. Log space as in the reference: log A_ij = z_ij +
+    sum_{l >= j visible} log(1 - beta_il), an inclusive reverse cumulative sum per chunk (flip, cumsum, flip: exact)
+    plus the log-stick left by nearer chunks. Same clamps as the blockwise op, so weights move by < 1e-37 (fp32).
+    """
+    B, HQ, Q, D = q.shape
+    H, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    dtype = _compute_dtype(q.dtype)
+    bound = _log_negligible(dtype)
+    neg_query = q.to(dtype).reshape(B, H, G * Q, D) * -scale  # query head h*G + g reads kv head h
+    grouped_mask = _grouped_mask(attention_mask, H, G)
+    # Key j is visible to query i iff j < K - Q + i + c (c = attend_current): keys before K - Q + c are visible to every
+    # query, and for one query the rest (its own position unless c) is simply left out.
+    first_band_key = K - Q + int(attend_current)
+    end = first_band_key if Q == 1 else K
+    o = neg_query.new_zeros(B, H, G * Q, Dv)
+    log_stick = None  # log of the stick left by nearer chunks (None: the whole stick)
+    size = DECODE_FIRST_CHUNK
+    while end > 0:
+        start = max(0, end - size)
+        neg_logits = torch.matmul(neg_query, k[:, :, start:end].to(dtype).transpose(-1, -2))
+        neg_logits = neg_logits.clamp_(-bound, bound).view(B, H, G, Q, end - start)
+        hidden = None
+        if end > first_band_key:  # the causal band: only in the nearest chunk, only for Q > 1
+            hidden = torch.arange(start, end, device=q.device) >= torch.arange(first_band_key, K + 1, device=q.device)[
+                :Q, None
+            ]
+        if grouped_mask is not None:
+            chunk_mask = grouped_mask[..., start:end] if grouped_mask.shape[-1] != 1 else grouped_mask
+            hidden = ~chunk_mask if hidden is None else hidden | ~chunk_mask
+        if hidden is not None:
+            neg_logits.masked_fill_(hidden, math.inf)  # 1 - beta = sigmoid(-z) = 1: hidden keys break nothing
+        # Log of the stick left after key j (nearest first): sum_{l >= j} log(1 - beta_l), nearer chunks included.
+        log_stick_after = F.logsigmoid(neg_logits).flip(-1).cumsum_(-1).flip(-1)
+        if log_stick is not None:
+            log_stick_after.add_(log_stick[..., None])
+        log_stick = log_stick_after[..., 0].clone()
+        # log A_j = log beta_j + log(stick before j) = z_j + log(stick after j).
+        weights = log_stick_after.sub_(neg_logits).clamp_min_(-bound).exp_()
+        if hidden is not None:
+            weights.masked_fill_(hidden, 0.0)
+        o.flatten(0, 1).baddbmm_(weights.view(B * H, G * Q, end - start), v[:, :, start:end].to(dtype).flatten(0, 1))
+        end, size = start, size * 4
+        if end > 0 and log_stick.max().item() <= -bound:  # every stick is exhausted: farther keys get < 1e-37
+            break
+    if log_stick is None:  # no visible key at all
+        log_stick = neg_query.new_zeros(B, H, G, Q)
+    return o.view(B, HQ, Q, Dv).to(q.dtype), log_stick.exp().reshape(B, HQ, Q).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
