@@ -141,7 +141,7 @@ def keys_visited(model, length):
         for i in rows.tolist():
             if i == 0:
                 continue
-            z = scale * query[0, :, i] @ key[0, :, :i].transpose(-1, -2)  # (H, i), key order
+            z = scale * torch.einsum("hd,hjd->hj", query[0, :, i], key[0, :, :i])  # (H, i), key order
             log_stick = torch.nn.functional.logsigmoid(-z).flip(-1).cumsum(-1)  # nearest first
             exhausted = (log_stick <= -86).float()
             visited = torch.where(exhausted.any(-1), exhausted.argmax(-1) + 1, torch.full_like(exhausted[:, 0], i))
@@ -196,7 +196,8 @@ def main():
         for name, (s, r, a, b) in summary.items():
             shown = f"{1 / s:8.2f} tok/s" if unit == "tok/s" else f"{s * 1e3:9.1f} ms"
             inverse = f"speed {1 / r:5.2f}x" if unit == "tok/s" else f"time {r:5.2f}x"
-            print(f"{section:8s} {key:>14s}  {name:32s} {shown}   {inverse} softmax  (IQR {a:.2f}-{b:.2f})", flush=True)
+            print(f"{section:8s} {key:>14s}  {name:32s} {shown}   {inverse} softmax  (time ratio IQR {a:.2f}-{b:.2f})",
+                  flush=True)
 
     for length in args.prefill:
         for model in models.values():
@@ -206,9 +207,9 @@ def main():
         summary = interleaved(models, args.repeats, lambda n, m: time_decode(m, context, args.decode_tokens))
         report("decode", f"dynamic C={context}", summary, "tok/s")
         if args.static_compile:
-            compiled = {name: torch.compile(m, dynamic=False) for name, m in models.items()}
+            compiled = {name: torch.compile(m) for name, m in models.items()}
             for name, m in models.items():  # compile outside the timed rounds
-                time_decode(m, min(context, 64), 2, static=True, compiled=compiled[name])
+                time_decode(m, min(context, 64), 4, static=True, compiled=compiled[name])
             summary = interleaved(
                 models, args.repeats,
                 lambda n, m: time_decode(m, context, args.decode_tokens, static=True, compiled=compiled[n]),
