@@ -40,6 +40,7 @@ VARIANTS = {
     "stickbreaking + depth shortcut": dict(attention_variant="stickbreaking", layer_shortcut=True, shortcut_mode="depth"),
 }
 BASELINE = "softmax (SDPA)"
+BENCH_DTYPE = ["float32"]  # set from --dtype
 
 
 def base_state(args):
@@ -151,6 +152,19 @@ def keys_visited(model, length):
     return {"median": pick(0.5), "p90": pick(0.9), "max": counts[-1], "context": length}
 
 
+@torch.no_grad()
+def accuracy_vs_float64(models, length):
+    """Relative RMS error of each variant's logits (in the benchmark dtype) against the same model in float64."""
+    errors = {}
+    for name, model in models.items():
+        ids = tokens(model, length, seed=2)
+        logits = model(ids).logits.double()
+        reference = model.to(torch.float64)(ids).logits
+        model.to(getattr(torch, BENCH_DTYPE[0]))
+        errors[name] = ((logits - reference).norm() / reference.norm()).item()
+    return errors
+
+
 def summarise(rounds):
     """{variant: [seconds per round]} -> {variant: (median seconds, median ratio, q1, q3)} against the baseline."""
     out = {}
@@ -186,6 +200,7 @@ def main():
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    BENCH_DTYPE[0] = args.dtype
     models = build_variants(args)
     results = {"settings": vars(args), "prefill": {}, "decode": {}, "train": {}}
 
@@ -226,6 +241,10 @@ def main():
         kv = results["keys_visited"]
         print(f"keys visited per query before the early exit (T={kv['context']}): median {kv['median']}, "
               f"p90 {kv['p90']}, max {kv['max']}")
+    if args.prefill:
+        results["logit_error_vs_float64"] = accuracy_vs_float64(models, min(args.prefill))
+        for name, error in results["logit_error_vs_float64"].items():
+            print(f"accuracy {args.dtype} logits vs float64 (T={min(args.prefill)})  {name:32s} rel. RMS {error:.2e}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
