@@ -28,7 +28,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -257,15 +258,15 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
         wants_stickbreaking = requested_attention == STICKBREAKING_ATTENTION_NAME
         if wants_shortcut:
             requested_attention = None
+        # transformers validates the name first (its own error for unknown ones); nothing is changed before that.
+        implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
         stickbreaking = wants_stickbreaking or config.attention_variant == "stickbreaking"
-        if stickbreaking and requested_attention not in (None, *STICKBREAKING_ATTN_IMPLEMENTATIONS):
+        if stickbreaking and implementation not in STICKBREAKING_ATTN_IMPLEMENTATIONS:
             raise ValueError(
-                f"`attn_implementation`={requested_attention!r} cannot run stick-breaking attention "
+                f"`attn_implementation`={implementation!r} cannot run stick-breaking attention "
                 f"(`attention_variant`='stickbreaking'); use one of {list(STICKBREAKING_ATTN_IMPLEMENTATIONS)}, or set "
                 "`config.attention_variant = 'softmax'` first to run softmax attention."
             )
-        # transformers validates the name (and raises its own error for unknown ones) before anything is changed.
-        implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
         if wants_stickbreaking:
             config.attention_variant = "stickbreaking"
         if wants_shortcut and not config.layer_shortcut:
@@ -328,7 +329,7 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AttnVariantLlamaModelOutputWithPast:
         past_key_values = pop_cache_argument(past_key_values, kwargs)  # `cache=` from transformers >= 5.24
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -433,7 +434,7 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AttnVariantLlamaCausalLMOutputWithPast:
         past_key_values = pop_cache_argument(past_key_values, kwargs)  # `cache=` from transformers >= 5.24
         outputs: AttnVariantLlamaModelOutputWithPast = self.model(

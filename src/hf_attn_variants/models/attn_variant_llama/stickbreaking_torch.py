@@ -192,12 +192,14 @@ def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attentio
     log_one_minus_beta = torch.where(visible, -F.softplus(z), 0.0)
     # Inclusive reverse cumulative sum over keys: sum_{l >= j} log(1 - beta_il).
     log_stick_from_j = log_one_minus_beta.flip(-1).cumsum(-1).flip(-1)
-    weights = torch.where(visible, torch.exp(z + log_stick_from_j), 0.0)
-    o = weights @ v5
+    # Flattened before the value product, so returned weights are the tensor `o` was computed from (their gradient
+    # is then the gradient of the output, as transformers' `retain_grad` contract expects).
+    weights = torch.where(visible, torch.exp(z + log_stick_from_j), 0.0).flatten(1, 2)  # (B, HQ, Q, K)
+    o = (weights.unflatten(1, (H, G)) @ v5).flatten(1, 2)
     rem = torch.exp(log_one_minus_beta.sum(-1))
     if return_weights:
-        return o.flatten(1, 2).to(q.dtype), rem.flatten(1, 2).to(q.dtype), weights.flatten(1, 2)
-    return o.flatten(1, 2).to(q.dtype), rem.flatten(1, 2).to(q.dtype)
+        return o.to(q.dtype), rem.flatten(1, 2).to(q.dtype), weights
+    return o.to(q.dtype), rem.flatten(1, 2).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
