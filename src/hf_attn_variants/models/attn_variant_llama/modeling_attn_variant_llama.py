@@ -6,6 +6,7 @@ Llama (RMSNorm, MLP, rotary embedding, eager attention) are imported from transf
 This folder is shipped as remote code: it imports only torch, transformers and its flat siblings.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -274,6 +275,26 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
             if not is_init_check:
                 self.base_model.add_layer_shortcut()
         return implementation
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """transformers' `push_to_hub`, except that a repo without a model card first gets the card saved beside this
+        model (the converter's: Hub metadata, usage, variant settings, verification) instead of transformers' generic
+        one, which `push_to_hub` would otherwise write over it."""
+        card = os.path.join(str(self.name_or_path), "README.md")
+        if os.path.isfile(card):
+            from huggingface_hub import HfApi, ModelCard
+            from huggingface_hub.errors import EntryNotFoundError
+
+            token = kwargs.get("token")
+            try:
+                ModelCard.load(repo_id, token=token)
+            except EntryNotFoundError:
+                api = HfApi(token=token)
+                repo_id = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
+                api.upload_file(
+                    path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, commit_message="Add model card"
+                )
+        return super().push_to_hub(repo_id, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
