@@ -18,17 +18,10 @@ import pytest
 import torch
 
 from hf_attn_variants import AttnVariantLlamaConfig, AttnVariantLlamaForCausalLM
-from hf_attn_variants.testing import tiny_config_kwargs
+from hf_attn_variants.testing import VARIANTS, tiny_config_kwargs
 
 COMPAT_TRANSFORMERS = ["5.4.0", "5.21.1", "5.24.0"]  # the oldest supported minor, the last pre-rename one, the newest
 COMPAT_TORCH = "2.13.0"
-VARIANTS = {
-    "softmax": {},
-    "stickbreaking": {"attention_variant": "stickbreaking"},
-    "shortcut_depth": {"layer_shortcut": True, "shortcut_mode": "depth"},
-    "shortcut_depth_context": {"layer_shortcut": True, "shortcut_mode": "depth_context"},
-    "stickbreaking_shortcut": {"attention_variant": "stickbreaking", "layer_shortcut": True, "shortcut_mode": "depth_context"},
-}
 CHECKER = Path(__file__).parent / "compat" / "check_checkpoints.py"
 CACHE = Path(os.environ.get("HF_ATTN_VARIANTS_COMPAT_CACHE", Path.home() / ".cache" / "hf-attn-variants" / "compat"))
 

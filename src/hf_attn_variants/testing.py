@@ -6,6 +6,16 @@ import os
 import torch
 
 
+# The five variants every conformance test runs: config fields on top of a Llama config.
+VARIANTS = {
+    "softmax": {},
+    "stickbreaking": {"attention_variant": "stickbreaking"},
+    "shortcut_depth": {"layer_shortcut": True, "shortcut_mode": "depth"},
+    "shortcut_depth_context": {"layer_shortcut": True, "shortcut_mode": "depth_context"},
+    "stickbreaking_shortcut": {"attention_variant": "stickbreaking", "layer_shortcut": True, "shortcut_mode": "depth_context"},
+}
+
+
 def tiny_config_kwargs(**overrides) -> dict:
     """Keyword arguments of a tiny Llama-shaped config (GQA, 2 layers): fast enough for exhaustive CPU tests."""
     kwargs = dict(

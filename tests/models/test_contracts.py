@@ -17,15 +17,8 @@ from hf_attn_variants.models.attn_variant_llama.modeling_attn_variant_llama impo
     AttnVariantLlamaForTokenClassification,
 )
 from hf_attn_variants.models.attn_variant_llama.stickbreaking_torch import naive_stickbreaking_attn
-from hf_attn_variants.testing import tiny_config_kwargs
+from hf_attn_variants.testing import VARIANTS, tiny_config_kwargs
 
-VARIANTS = {
-    "softmax": {},
-    "stickbreaking": {"attention_variant": "stickbreaking"},
-    "shortcut_depth": {"layer_shortcut": True, "shortcut_mode": "depth"},
-    "shortcut_depth_context": {"layer_shortcut": True, "shortcut_mode": "depth_context"},
-    "stickbreaking_shortcut": {"attention_variant": "stickbreaking", "layer_shortcut": True, "shortcut_mode": "depth_context"},
-}
 
 
 def build(seed=0, attn_implementation=None, **options):

@@ -25,14 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from hf_attn_variants import AttnVariantLlamaConfig, AttnVariantLlamaForCausalLM
 from hf_attn_variants.models.attn_variant_llama import layer_shortcut
+from hf_attn_variants.testing import VARIANTS
 
-VARIANTS = {
-    "softmax": {},
-    "stickbreaking": {"attention_variant": "stickbreaking"},
-    "shortcut_depth": {"layer_shortcut": True, "shortcut_mode": "depth"},
-    "shortcut_depth_context": {"layer_shortcut": True, "shortcut_mode": "depth_context"},
-    "stickbreaking_shortcut": {"attention_variant": "stickbreaking", "layer_shortcut": True},
-}
 VOCAB, PAD, BOS = 99, 0, 1
 PROMPT_LEN, NEW_TOKENS = 5, 6
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.

@@ -22,6 +22,7 @@ except UpstreamTestsUnavailable as _error:
 
 from hf_attn_variants.models import attn_variant_llama as family
 from hf_attn_variants.models.attn_variant_llama import modeling_attn_variant_llama as modeling
+from hf_attn_variants.testing import VARIANTS
 
 CausalLMModelTest = _upstream.causal_lm_tester.CausalLMModelTest
 CausalLMModelTester = _upstream.causal_lm_tester.CausalLMModelTester
@@ -47,13 +48,6 @@ ALL_MODEL_CLASSES = tuple(
     if model_class is not None
 )
 
-VARIANTS = {
-    "softmax": {},
-    "stickbreaking": {"attention_variant": "stickbreaking"},
-    "shortcut_depth": {"layer_shortcut": True, "shortcut_mode": "depth"},
-    "shortcut_depth_context": {"layer_shortcut": True, "shortcut_mode": "depth_context"},
-    "stickbreaking_shortcut": {"attention_variant": "stickbreaking", "layer_shortcut": True},
-}
 
 
 def _tester(variant: str) -> type:
