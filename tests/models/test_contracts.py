@@ -42,6 +42,15 @@ def logits(model, input_ids, **kwargs):
         return model(input_ids, **kwargs).logits
 
 
+def prefill_then_decode(model, input_ids, cache, prefill=5):
+    """Logits of a prefill of `prefill` tokens into `cache`, then of one token at a time, concatenated."""
+    with torch.no_grad():
+        steps = [model(input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        for t in range(prefill, input_ids.shape[1]):
+            steps.append(model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(steps, dim=1)
+
+
 # --- switching after load ----------------------------------------------------------------------------------------------
 
 
@@ -142,11 +151,7 @@ def test_user_static_cache_decoding_equals_full_forward(variant):
     model = build(**VARIANTS[variant])
     x = ids(length=9)
     cache = StaticCache(config=model.config, max_cache_len=16)
-    with torch.no_grad():
-        steps = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
-        for t in range(5, 9):
-            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), logits(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill_then_decode(model, x, cache), logits(model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_depth_context_static_cache_needs_the_shortcut_slots():
@@ -156,11 +161,7 @@ def test_depth_context_static_cache_needs_the_shortcut_slots():
         model(x, past_key_values=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
     cache = AttnVariantLlamaShortcutStaticCache(config=model.config, max_cache_len=16)
     assert len(cache.layers) == model.config.num_hidden_layers
-    with torch.no_grad():
-        steps = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
-        for t in range(5, 9):
-            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), logits(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill_then_decode(model, x, cache), logits(model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_static_cache_decode_step_equals_eager():
