@@ -1,8 +1,11 @@
 """Demo: SmolLM2-135M-Instruct in the AttnVariantLlama family — answer a question, save, reload as remote code.
 
-    .venv/bin/python examples/demo.py [--variant softmax|shortcut|stickbreaking] [--out out/demo]
+    .venv/bin/python examples/demo.py [--variant softmax|shortcut|stickbreaking] [--out out/demo] [--no-adapter]
 
 1. Loads the real GGUF checkpoint into the family (`AttnVariantLlamaForCausalLM.from_pretrained(..., gguf_file=...)`).
+   `--variant stickbreaking` converts it the way the committed uptraining adapter expects (the fields in its
+   `base_variant.json`: stick-breaking with RoPE kept), applies the adapter (`adapters/`, made by
+   `hf-attn-variants-train`, see its README) and merges it; `--no-adapter` shows the bare conversion instead.
 2. Answers a chat question greedily.
 3. Converts/saves it (atomic folder with config.json + auto_map, safetensors, tokenizer, remote code, model card).
 4. Reloads the folder with `trust_remote_code=True` in a fresh process that cannot import hf_attn_variants and checks
@@ -10,6 +13,7 @@
 """
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -21,12 +25,15 @@ from hf_attn_variants.convert import render_model_card, save_atomically
 from hf_attn_variants.testing import remote_code_logits, smollm2_gguf_path
 
 QUESTION = "What is the capital of France?"
+ADAPTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "adapters", "smollm2-135m-stickbreaking-rope-lora")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=["softmax", "shortcut", "stickbreaking"], default="softmax")
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--adapter", default=ADAPTER, help="uptraining adapter applied with --variant stickbreaking")
+    parser.add_argument("--no-adapter", dest="adapter", action="store_const", const=None)
     args = parser.parse_args()
 
     gguf = smollm2_gguf_path()
@@ -35,12 +42,20 @@ def main():
     folder, name = os.path.split(gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     attn_implementation = None if args.variant == "softmax" else args.variant
+    adapter = args.adapter if args.variant == "stickbreaking" else None
+    # The adapter was trained on one particular conversion; build exactly that one.
+    variant = json.load(open(os.path.join(adapter, "base_variant.json"))) if adapter else {}
     model = AttnVariantLlamaForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, attn_implementation=attn_implementation
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation=attn_implementation, **variant
     ).eval()
     # GGUF weights arrive dequantized; drop the quantizer so the model can be saved.
     model.hf_quantizer, model.is_quantized = None, False
     del model.config.quantization_config
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+        print(f"applied the uptraining adapter {os.path.relpath(adapter)} (merged)")
 
     messages = [{"role": "user", "content": QUESTION}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -49,8 +64,8 @@ def main():
     print(f"variant: {args.variant} (attention_variant={model.config.attention_variant}, "
           f"layer_shortcut={model.config.layer_shortcut})")
     print(f"Q: {QUESTION}\nA: {answer.strip()}")
-    if args.variant == "stickbreaking":
-        print("(stick-breaking replaces softmax in pretrained weights: the answer is expected to degrade until fine-tuned)")
+    if args.variant == "stickbreaking" and not adapter:
+        print("(stick-breaking replaces softmax in pretrained weights: without the uptraining adapter the answer degrades)")
 
     save_atomically(model, args.out, tokenizer, render_model_card(model, gguf), overwrite=True)
     print(f"saved to {args.out}: {sorted(os.listdir(args.out))}")

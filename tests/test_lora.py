@@ -48,3 +48,64 @@ def test_lora_trains_saves_and_reloads(tmp_path, variant):
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert isinstance(merged, AttnVariantLlamaForCausalLM)
+
+
+@pytest.mark.parametrize("layer_shortcut", [False, True], ids=["plain", "shortcut"])
+def test_peft_default_targets_are_registered(layer_shortcut):
+    """`import hf_attn_variants` registers the family with peft: LoraConfig(task_type="CAUSAL_LM") needs no targets."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from hf_attn_variants.lora import LORA_TARGET_MODULES, LORA_TARGET_REGEX
+
+    assert TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["attn_variant_llama"] == LORA_TARGET_REGEX
+    torch.manual_seed(0)
+    base = AttnVariantLlamaForCausalLM(AttnVariantLlamaConfig(**tiny_config_kwargs(layer_shortcut=layer_shortcut)))
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4))
+    wrapped = sorted(name for name, _ in model.named_modules() if name.endswith("lora_A"))
+    assert len(wrapped) == 2 * 7 and not any("shortcut" in name for name in wrapped), wrapped
+    assert {name.split(".")[-2] for name in wrapped} == set(LORA_TARGET_MODULES)
+
+
+_REMOTE_CODE_LORA_CHILD = r"""
+import importlib.abc, sys
+
+class _HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_attn_variants" or name.startswith("hf_attn_variants."):
+            raise ImportError(name + " is hidden")
+
+sys.meta_path.insert(0, _HidePackage())
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+try:
+    get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
+except ValueError as error:
+    print("ERROR:", error)
+names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=names))
+print("WRAPPED:", sum(name.endswith("lora_A") for name, _ in peft_model.named_modules()))
+"""
+
+
+def test_remote_code_only_needs_explicit_targets(tmp_path):
+    """Without the package, peft knows no default for `attn_variant_llama`: its own error, fixed by naming the
+    seven projections (what the README says to pass)."""
+    import os
+    import subprocess
+    import sys
+
+    from hf_attn_variants.lora import LORA_TARGET_MODULES
+
+    torch.manual_seed(0)
+    AttnVariantLlamaForCausalLM(AttnVariantLlamaConfig(**tiny_config_kwargs())).save_pretrained(tmp_path / "model")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", _REMOTE_CODE_LORA_CHILD, str(tmp_path / "model")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR: Please specify `target_modules`" in result.stdout, result.stdout  # peft's own message
+    assert "WRAPPED: 14" in result.stdout
+    assert LORA_TARGET_MODULES == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,6 +12,7 @@ from .models import (
     AttnVariantLlamaModel,
     AttnVariantLlamaPreTrainedModel,
 )
+from . import lora  # noqa: F401,E402  registers the family's default LoRA targets with peft
 
 __version__ = "0.1.0"
 
