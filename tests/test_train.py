@@ -28,6 +28,14 @@ COMMON = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def keep_torch_threads():
+    """The scripts set torch's thread count for the process (as a CLI should); give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def char_tokenizer():
     """A 99-token character-level fast tokenizer (no hub, no files): matches `tiny_config_kwargs`' vocabulary."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

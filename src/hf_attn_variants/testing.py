@@ -85,7 +85,9 @@ def remote_code_logits(model_dir: str, inputs: dict, workdir: str) -> dict:
 
     inputs_path, logits_path = os.path.join(workdir, "inputs.pt"), os.path.join(workdir, "logits.pt")
     torch.save(inputs, inputs_path)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(workdir, "hf_modules"))
+    # Same intra-op thread count as this process: CPU GEMMs split their sums by thread, so bit-equal logits need it.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(workdir, "hf_modules"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", _REMOTE_CODE_CHILD, os.path.abspath(model_dir), inputs_path, logits_path],

@@ -9,6 +9,7 @@ import transformers
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from hf_attn_variants.models.attn_variant_llama import stickbreaking_torch
 from hf_attn_variants.models.attn_variant_llama.stickbreaking_torch import (
     blockwise_stickbreaking_attn,
     naive_stickbreaking_attn,
@@ -105,6 +106,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["cpu_kernel", "torch"])
+def forward_path(request, monkeypatch):
+    """Run the blockwise op's forward as the package's C++ kernel and as pure PyTorch (what remote code runs)."""
+    if request.param == "torch":
+        monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+    else:
+        from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, enabled, forward_kernel
+
+        if not enabled():
+            pytest.skip(f"{ENV_VAR}=0")
+        assert forward_kernel() is not None, "the C++ CPU kernel failed to build (see the logged warning)"
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The reference against the product formula
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,7 +168,7 @@ BLOCKWISE_CASES = [
 @pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size", BLOCKWISE_CASES)
 @pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_blockwise_matches_naive(B, HQ, H, Q, K, D, Dv, block_size, attend_current, dtype):
+def test_blockwise_matches_naive(B, HQ, H, Q, K, D, Dv, block_size, attend_current, dtype, forward_path):
     q, k, v = make_qkv(B, HQ, H, Q, K, D, Dv, dtype=dtype)
     ref = outputs_and_grads(naive_stickbreaking_attn, q.double(), k.double(), v.double(), attend_current=attend_current)
     out = outputs_and_grads(
@@ -174,7 +189,7 @@ def test_fp32_naive_matches_fp64_naive():
 
 @pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "masked"])
-def test_blockwise_gradcheck(attend_current, with_mask):
+def test_blockwise_gradcheck(attend_current, with_mask, forward_path):
     q, k, v = make_qkv(1, 2, 1, 5, 6, 3, 2, dtype=torch.float64, seed=4)
     mask = None
     if with_mask:
@@ -202,7 +217,7 @@ def test_blockwise_backward_is_deterministic():
 
 @pytest.mark.parametrize("op", [naive_stickbreaking_attn, blockwise_stickbreaking_attn], ids=["naive", "blockwise"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_rows_equal_unpadded_runs(op, side):
+def test_padding_rows_equal_unpadded_runs(op, side, forward_path):
     T, pad = 19, 6
     q, k, v = make_qkv(2, 2, 1, T, T, 8)
     key_is_real = torch.ones(2, T, dtype=torch.bool)
@@ -222,7 +237,7 @@ def test_padding_rows_equal_unpadded_runs(op, side):
 
 
 @pytest.mark.parametrize("op", [naive_stickbreaking_attn, blockwise_stickbreaking_attn], ids=["naive", "blockwise"])
-def test_fully_masked_rows_give_zeros_and_finite_grads(op):
+def test_fully_masked_rows_give_zeros_and_finite_grads(op, forward_path):
     q, k, v = make_qkv(1, 2, 1, 12, 12, 4)
     mask = torch.rand(1, 2, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.5
     mask[0, 0, 3:7] = False
@@ -233,7 +248,7 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(op):
         assert torch.isfinite(out[name]).all(), name
 
 
-def test_packed_sequences_with_block_diagonal_mask():
+def test_packed_sequences_with_block_diagonal_mask(forward_path):
     lengths = [9, 14]
     T = sum(lengths)
     q, k, v = make_qkv(1, 2, 1, T, T, 8)
@@ -261,7 +276,7 @@ def test_packed_sequences_with_block_diagonal_mask():
 @pytest.mark.parametrize("Q", [1, 5], ids=["decode", "chunked_prefill"])
 @pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["mask_none", "sdpa_mask"])
-def test_cache_queries_equal_rows_of_full_forward(Q, attend_current, with_mask):
+def test_cache_queries_equal_rows_of_full_forward(Q, attend_current, with_mask, forward_path):
     K = 23
     q, k, v = make_qkv(2, 4, 2, K, K, 8)
     key_is_real = torch.ones(2, K, dtype=torch.bool)
@@ -293,7 +308,7 @@ def long_sequence_inputs(regime, T, D, dtype):
 
 @pytest.mark.parametrize("regime", ["saturated", "long_stick"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)], ids=["fp16", "bf16"])
-def test_low_precision_long_sequence(regime, dtype, tol):
+def test_low_precision_long_sequence(regime, dtype, tol, forward_path):
     T, D, tail = 16384, 16, 64
     q, k, v, scale = long_sequence_inputs(regime, T, D, dtype)
     logits = scale * (q[0, 0, -tail:].double() @ k[0, 0].double().T)
@@ -585,3 +600,91 @@ def test_decode_path_is_used_only_without_gradients(monkeypatch):
     assert calls == [1]
     for name in QUANTITIES:
         assert_close(name, ref[name], got[name], 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The C++ CPU forward (hf_attn_variants.ops.stickbreaking_cpu) against pure PyTorch and the float64 reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+KERNEL_CASES = [
+    # B, HQ, H, Q, K, D, Dv, block_size, std
+    pytest.param(2, 6, 2, 45, 45, 33, 17, 8, 1.0, id="GQA3-D33-Dv17-bs8"),
+    pytest.param(1, 2, 2, 9, 40, 8, 8, 4, 1.0, id="Q9-K40-cache-bs4"),
+    pytest.param(1, 1, 1, 1, 1, 4, 4, None, 1.0, id="T1"),
+    pytest.param(1, 4, 1, 70, 70, 16, 16, 16, 30.0, id="MQA-extreme-logits"),
+    pytest.param(2, 2, 1, 300, 300, 8, 8, None, 0.05, id="T300-default-blocks-long-stick"),
+]
+
+
+@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
+@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
+@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
+                                                        mask_kind, dtype, monkeypatch):
+    from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, enabled, forward_kernel
+
+    if not enabled():
+        pytest.skip(f"{ENV_VAR}=0")
+    assert forward_kernel() is not None, "the C++ CPU kernel failed to build (see the logged warning)"
+    q, k, v = make_qkv(B, HQ, H, Q, K, D, Dv, dtype=dtype, std=std)
+    if std < 0.1:  # logits near -8: the stick survives every key block
+        q, k = q + 1, k - 1
+    mask = None
+    if mask_kind == "padding":
+        key_is_real = torch.ones(B, K, dtype=torch.bool)
+        key_is_real[-1, : K // 3] = False
+        mask = causal_padding_mask(key_is_real, Q)  # (B, 1, Q, K): broadcast over heads
+    elif mask_kind == "random":
+        mask = torch.rand(B, HQ, Q, K, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask[..., : max(1, Q // 4), :] = False  # fully masked rows too
+    kwargs = dict(attend_current=attend_current, attention_mask=mask, block_size=block_size)
+    with torch.no_grad():
+        ref_o, ref_rem = naive_stickbreaking_attn(q.double(), k.double(), v.double(), attend_current=attend_current,
+                                                  attention_mask=mask)
+        if Q > 16:  # the decode path (Q <= 16, no grad) has its own loop: go through the blockwise op with grad on
+            q.requires_grad_(True)
+        with torch.enable_grad():
+            o, rem = blockwise_stickbreaking_attn(q, k, v, **kwargs)
+            monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+            o_torch, rem_torch = blockwise_stickbreaking_attn(q, k, v, **kwargs)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    # At |z| ~ 1e3 the reference's own log-space rounding (~3e-11 in fp64) dominates; both paths agree far closer.
+    ref_tol = tol * (100 if std > 10 else 1)
+    for name, ref, out, other in (("o", ref_o, o, o_torch), ("rem", ref_rem, rem, rem_torch)):
+        assert out.dtype == dtype
+        assert_close(name, ref, out.detach(), ref_tol)
+        assert_close(name + " vs torch", other.detach(), out.detach(), tol)
+    if mask_kind == "random":  # rows that see nothing: exactly zero output, full stick
+        assert torch.equal(o[..., : max(1, Q // 4), :].detach(), torch.zeros_like(o[..., : max(1, Q // 4), :]))
+        assert torch.equal(rem[..., : max(1, Q // 4)].detach(), torch.ones_like(rem[..., : max(1, Q // 4)]))
+
+
+def test_cpu_kernel_propagates_nan_like_torch(monkeypatch):
+    from hf_attn_variants.ops.stickbreaking_cpu import enabled
+
+    if not enabled():
+        pytest.skip("CPU kernel disabled")
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 8)
+    q[0, 1, 20] = float("nan")
+    o, rem = blockwise_stickbreaking_attn(q.requires_grad_(), k, v, block_size=8)
+    monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+    o_torch, rem_torch = blockwise_stickbreaking_attn(q, k, v, block_size=8)
+    assert torch.equal(o.isnan(), o_torch.isnan()) and torch.equal(rem.isnan(), rem_torch.isnan())
+    assert o.isnan().any() and not o[0, 0].isnan().any()
+
+
+def test_torch_backend_and_env_var_keep_pure_pytorch(monkeypatch):
+    """`stickbreaking_backend="torch"` never calls the C++ kernel; HF_ATTN_VARIANTS_CPU_KERNEL=0 disables it."""
+    from hf_attn_variants.ops import stickbreaking_cpu
+
+    calls = []
+    monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", lambda *args: calls.append(args) or (None, None))
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 4)
+    module = fake_attention_module(2, 4, stickbreaking_backend="torch")
+    monkeypatch.delenv("HF_ATTN_VARIANTS_SB_BACKEND", raising=False)
+    with torch.enable_grad():
+        out, _ = stickbreaking_attention_forward(module, q.requires_grad_(), k, v, None)
+    assert torch.isfinite(out).all() and not calls
+    monkeypatch.setenv(stickbreaking_cpu.ENV_VAR, "0")
+    assert stickbreaking_cpu.forward_kernel() is None

@@ -20,6 +20,11 @@ Three implementations share that contract:
   reverse cumulative sum becomes a running sum, and the backward recomputes blocks instead of storing weights.
 - `hf_attn_variants.ops.stickbreaking.parallel_stickbreaking_attn` (Triton, separate package, imported lazily).
 
+On CPU the blockwise forward runs as the package's C++ kernel (`hf_attn_variants.ops.stickbreaking_cpu`: the same
+algorithm and numerics, threads over query blocks, fused elementwise work) when the package is installed and the
+kernel builds; `stickbreaking_backend="torch"` (or a checkpoint run as remote code without the package) keeps pure
+PyTorch.
+
 Numerics of the blockwise op (fp32 compute for fp16/bf16/fp32 inputs, fp64 for fp64):
 - |z| is clamped at -log(tiny) - 1 (86 in fp32, 707 in fp64), which keeps CPU exp/sigmoid off their slow underflow
   path; past that bound beta is 0 or 1 to working precision, so weights and remainder move by < 1e-37 (fp32). The
@@ -37,6 +42,7 @@ Numerics of the blockwise op (fp32 compute for fp16/bf16/fp32 inputs, fp64 for f
 This file ships as HF remote code: it may import only torch, transformers and the standard library.
 """
 
+import functools
 import math
 import os
 
@@ -62,6 +68,8 @@ BACKEND_ENV_VAR = "HF_ATTN_VARIANTS_SB_BACKEND"
 # 128 x 128 score blocks measured fastest on a 2-core AVX2 CPU (256 was ~10% slower, cache misses) and keep a
 # block's few temporaries (B * HQ * 128 * 128 fp32 each) small next to o.
 DEFAULT_BLOCK_SIZE = 128
+# The C++ forward's blocks: its scores live per thread, so larger blocks (faster GEMMs) cost no memory of note.
+CPU_KERNEL_BLOCK_SIZE = 256
 # Up to this many queries without gradients (decoding, speculative verification) take one fused pass over all keys.
 DECODE_MAX_QUERIES = 16
 DECODE_FIRST_CHUNK = 256  # keys of the decode path's first (nearest) chunk; later chunks are 4x larger each
@@ -326,6 +334,23 @@ def _forward_block_weights(neg_q_block, k_block, stick, hidden, clamp_logits):
     return weights, stick_after[..., -1].clone()
 
 
+_CPU_KERNEL = {}
+
+
+def _cpu_forward_kernel(x):
+    """The package's C++ forward for `x`'s device and dtype, or None (not CPU fp32/fp64, no package, no build)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if "forward" not in _CPU_KERNEL:
+        try:
+            from hf_attn_variants.ops.stickbreaking_cpu import forward_kernel
+        except ImportError:  # remote code without the package: pure PyTorch
+            _CPU_KERNEL["forward"] = None
+        else:
+            _CPU_KERNEL["forward"] = forward_kernel()
+    return _CPU_KERNEL["forward"]
+
+
 def _query_block_rows(x5, i0, i1, factor=None):
     """Rows [i0, i1) of a (B, H, G, Q, X) tensor as a contiguous (B, H, G*m, X) block, optionally multiplied."""
     rows = x5[:, :, :, i0:i1]
@@ -333,8 +358,10 @@ def _query_block_rows(x5, i0, i1, factor=None):
     return rows.flatten(2, 3)
 
 
-def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size):
+def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size, cpu_kernel_block_size=None):
     """q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv) in compute dtype -> o (B, H, G, Q, Dv), rem (B, H, G, Q).
+
+    `cpu_kernel_block_size`: run as the package's C++ forward with blocks of that size where it is available.
     """
     B, H, G, Q, _ = q5.shape
     K, Dv = v.shape[-2:]
@@ -342,6 +369,11 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     # |z| <= s |q| |k| (Cauchy-Schwarz). Where that bound is at most half the clamp bound (the half covers rounding of
     # the matmul), clamping would change nothing, so that pass over the scores is skipped; NaN/inf norms keep it.
     max_key_norm = k.norm(dim=-1).amax().item() if k.numel() else 0.0
+    kernel = _cpu_forward_kernel(q5) if cpu_kernel_block_size else None
+    if kernel is not None:
+        mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
+        o, rem = kernel(q5, k, v, scale, attend_current, mask, cpu_kernel_block_size, max_key_norm)
+        return o, rem
     query_norms = q5.norm(dim=-1)
     half_clamp = 0.5 * _log_negligible(q5.dtype)
     o = q5.new_empty(B, H, G, Q, Dv)
@@ -425,7 +457,7 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o (compute dtype) and rem, nothing of size T x T; the backward recomputes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size):
+    def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size, cpu_kernel_block_size=None):
         B, HQ, Q, D = q.shape
         H = k.shape[1]
         G = HQ // H
@@ -433,7 +465,8 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
         grouped_mask = _grouped_mask(attention_mask, H, G)
         q5 = q.to(dtype).unflatten(1, (H, G))
         k_c, v_c = k.to(dtype), v.to(dtype)
-        o5, rem5 = _blockwise_forward(q5, k_c, v_c, scale, attend_current, grouped_mask, block_size)
+        o5, rem5 = _blockwise_forward(q5, k_c, v_c, scale, attend_current, grouped_mask, block_size,
+                                      cpu_kernel_block_size)
         ctx.save_for_backward(q, k, v, o5, rem5, attention_mask)
         ctx.scale, ctx.attend_current, ctx.block_size = scale, attend_current, block_size
         return o5.flatten(1, 2).to(q.dtype), rem5.flatten(1, 2).to(q.dtype)
@@ -449,10 +482,11 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
             do5, drem5, q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype), o5, rem5,
             ctx.scale, ctx.attend_current, _grouped_mask(attention_mask, H, G), ctx.block_size,
         )
-        return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, block_size=None):
+def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, block_size=None,
+                                 cpu_kernel=True):
     r"""
     Exact stick-breaking attention in blocks: O(T * block_size) extra memory, deterministic, fp32 accumulation.
 
@@ -475,7 +509,10 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
             bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
         block_size (Optional[int]):
             query rows and keys per block (square blocks: 256-key blocks were ~15% faster with 2 threads but needed
-            1.44x SDPA's peak memory at T=8192 against 1.17x). Default: `128`.
+            1.44x SDPA's peak memory at T=8192 against 1.17x). Default: `128`, and `256` for the C++ forward.
+        cpu_kernel (bool):
+            on CPU in float32/float64, let the forward run as the package's C++ kernel when it is available (same
+            algorithm and numerics, faster). Default: `True`.
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
@@ -483,14 +520,16 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
     """
     _, _, _, _, _, D, _ = _check_attention_inputs(q, k, v, attention_mask)
     scale = _resolve_scale(scale, D)
-    if block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+    # The C++ forward keeps its scores per thread, so by default it takes larger (faster) blocks than the backward.
+    cpu_kernel_block_size = (block_size or CPU_KERNEL_BLOCK_SIZE) if cpu_kernel else None
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad:
         return _decode_stickbreaking_attn(q, k, v, scale, bool(attend_current), attention_mask)
-    return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size)
+    return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size,
+                                                cpu_kernel_block_size)
 
 
 def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask):
@@ -568,7 +607,9 @@ def _select_attention_op(backend, device):
         raise ValueError(
             f"`stickbreaking_backend` (or ${BACKEND_ENV_VAR}) must be one of {BACKENDS}, got {backend!r}."
         )
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch":  # pure PyTorch, also on CPU (no compiled kernel)
+        return functools.partial(blockwise_stickbreaking_attn, cpu_kernel=False)
+    if backend == "auto" and device.type != "cuda":
         return blockwise_stickbreaking_attn
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
