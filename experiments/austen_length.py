@@ -116,18 +116,11 @@ def parse_args(argv=None):
                         help="also score the same bytes with sliding windows of these sizes (how much context is used)")
     parser.add_argument("--eval-windows", type=int, default=16, help="test windows of max(--eval-contexts) bytes")
     parser.add_argument("--eval-tokens-per-batch", type=int, default=8192)
-    parser.add_argument("--hidden-size", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--intermediate-size", type=int, default=256)
+    C.add_model_args(parser, hidden_size=96, layers=4, heads=3, intermediate_size=256)
     parser.add_argument("--held-out", default=C.HELD_OUT_NOVEL)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(C.VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--smoke" in argv:  # tiny defaults for CI; flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    return C.parse_args_with_smoke(parser, argv, SMOKE)
 
 
 def main(argv=None) -> dict:
@@ -141,19 +134,7 @@ def main(argv=None) -> dict:
     windows = eval_windows(test_bytes, args.eval_windows, max_context)
     length = windows.shape[1] - 1
     stride = args.context // 2
-    base = dict(
-        vocab_size=256, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.context, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None,
-        eos_token_id=None,
-    )
-    target = C.num_params(C.make_config(base, "softmax_rope"))
-    configs = {}
-    for variant in args.variants:
-        config = C.make_config(base, variant)
-        if C.num_params(config) != target:  # equal size: narrow the MLP to pay for the shortcut
-            config = C.make_config(base, variant, intermediate_size=C.matched_intermediate_size(base, variant, target))
-        configs[variant] = config
+    configs = C.equal_size_configs(C.base_config(args, 256, pad_token_id=None, bos_token_id=None), args.variants)
 
     throughput = None
     if args.throughput_rounds:
@@ -162,20 +143,9 @@ def main(argv=None) -> dict:
 
     variants = {}
     for variant, config in configs.items():
-        key = C.run_key(NAME, C.config_fingerprint(config), {k: getattr(args, k) for k in TRAIN_ARGS})
-        run_dir = args.work_dir / NAME / f"{variant}-seed{args.seed}-{key}"
-        C.log(f"{variant}: {C.num_params(config):,} parameters, run dir {run_dir}")
-        from transformers import set_seed
-
-        set_seed(args.seed)
-        model = C.build_model(config)
         dataset = C.RandomCrops(train_bytes, args.context + 1, args.steps * args.batch_size, args.seed)
-        model, stats = C.train_model(
-            model, dataset, run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            warmup=C.warmup_steps(args), seed=args.seed, tokens_per_example=args.context + 1,
-            save_steps=args.save_steps, log_steps=max(1, min(10, args.steps // 10)),
-        )
-        C.log(f"  trained: {stats['train_seconds']:.0f} s, final train loss {stats['final_train_loss']:.3f}")
+        model, stats, run_dir = C.train_run(NAME, variant, config, dataset, args, TRAIN_ARGS, args.seed,
+                                            tokens_per_example=args.context + 1)
 
         eval_key = C.run_key(args.eval_windows, max_context, args.held_out)
         losses, seconds = {}, {}

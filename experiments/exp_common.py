@@ -357,5 +357,61 @@ def add_common_args(parser, *, steps: int, batch_size: int, lr: float):
     parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, short contexts: for CI")
 
 
+def add_model_args(parser, *, hidden_size: int, layers: int, heads: int, intermediate_size: int):
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--intermediate-size", type=int, default=intermediate_size)
+
+
+def parse_args_with_smoke(parser, argv, smoke: dict):
+    """`parser.parse_args(argv)`; with `--smoke` the tiny defaults `smoke` first (flags given explicitly still win)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--smoke" in argv:
+        parser.set_defaults(**smoke)
+    return parser.parse_args(argv)
+
+
+def base_config(args, vocab_size: int, **fields) -> dict:
+    """The `LlamaConfig` fields every variant of an experiment shares (model size from `add_model_args`)."""
+    return dict(
+        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.context, tie_word_embeddings=True, eos_token_id=None, **fields,
+    )
+
+
+def equal_size_configs(base: dict, variants) -> dict:
+    """A config per variant with the parameter count of softmax + RoPE: a shortcut's MLP is narrowed to pay for it."""
+    target = num_params(make_config(base, "softmax_rope"))
+    configs = {}
+    for variant in variants:
+        config = make_config(base, variant)
+        if num_params(config) != target:
+            config = make_config(base, variant, intermediate_size=matched_intermediate_size(base, variant, target))
+        configs[variant] = config
+    return configs
+
+
+def train_run(name: str, variant: str, config, dataset, args, train_args, seed: int, tokens_per_example: int):
+    """Train (or resume, or load) one model of `variant` in its run directory, keyed by everything that defines it.
+    Returns (model, stats, run_dir)."""
+    from transformers import set_seed
+
+    key = run_key(name, config_fingerprint(config), {k: getattr(args, k) for k in train_args})
+    run_dir = args.work_dir / name / f"{variant}-seed{seed}-{key}"
+    log(f"{variant} seed {seed}: {num_params(config):,} parameters, run dir {run_dir}")
+    set_seed(seed)
+    model = build_model(config)
+    model, stats = train_model(
+        model, dataset, run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=warmup_steps(args), seed=seed, tokens_per_example=tokens_per_example,
+        save_steps=args.save_steps, log_steps=max(1, min(10, args.steps // 10)),
+    )
+    log(f"  trained: {stats['train_seconds']:.0f} s, final train loss {stats['final_train_loss']:.3f}")
+    return model, stats, run_dir
+
+
 def warmup_steps(args) -> int:
     return args.warmup if args.warmup is not None else max(1, math.ceil(0.05 * args.steps))

@@ -55,19 +55,12 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --context bytes")
     parser.add_argument("--eval-tokens-per-batch", type=int, default=8192)
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--intermediate-size", type=int, default=192)
+    C.add_model_args(parser, hidden_size=64, layers=4, heads=2, intermediate_size=192)
     parser.add_argument("--held-out", default=C.HELD_OUT_NOVEL)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                         choices=sorted(C.VARIANTS) + ["softmax_rope_wide"])
     parser.add_argument("--sample", default=SAMPLE, help="sentence of the depth-attention heatmaps")
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--smoke" in argv:  # tiny defaults for CI; flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    return C.parse_args_with_smoke(parser, argv, SMOKE)
 
 
 def main(argv=None) -> dict:
@@ -75,16 +68,10 @@ def main(argv=None) -> dict:
     C.setup_torch(args.threads)
     train_bytes, test_bytes, train_files = C.read_austen(args.held_out)
     from hf_attn_variants.plotting import plot_shortcut_attention
-    from transformers import set_seed
 
     starts = np.linspace(0, len(test_bytes) - args.context - 1, args.eval_windows).astype(np.int64)
     windows = np.stack([test_bytes[s:s + args.context + 1] for s in starts]).astype(np.int64)
-    base = dict(
-        vocab_size=256, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.context, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None,
-        eos_token_id=None,
-    )
+    base = C.base_config(args, 256, pad_token_id=None, bos_token_id=None)
     shortcut_params = C.num_params(C.make_config(base, "softmax_rope_depth"))
     configs = {}
     for variant in args.variants:
@@ -104,21 +91,12 @@ def main(argv=None) -> dict:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seed-major: an interrupted run has whole seeds of every variant
         for variant, config in configs.items():
-            key = C.run_key(NAME, C.config_fingerprint(config), {k: getattr(args, k) for k in TRAIN_ARGS})
-            run_dir = args.work_dir / NAME / f"{variant}-seed{seed}-{key}"
-            C.log(f"{variant} seed {seed}: {C.num_params(config):,} parameters, run dir {run_dir}")
-            set_seed(seed)
-            model = C.build_model(config)
             dataset = C.RandomCrops(train_bytes, args.context + 1, args.steps * args.batch_size, seed)
-            model, stats = C.train_model(
-                model, dataset, run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                warmup=C.warmup_steps(args), seed=seed, tokens_per_example=args.context + 1,
-                save_steps=args.save_steps, log_steps=max(1, min(10, args.steps // 10)),
-            )
+            model, stats, _ = C.train_run(NAME, variant, config, dataset, args, TRAIN_ARGS, seed,
+                                          tokens_per_example=args.context + 1)
             start = time.perf_counter()
             loss = validation_loss(model, windows, args.eval_tokens_per_batch)
-            C.log(f"  train {stats['train_seconds']:.0f} s, validation loss {loss:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)")
+            C.log(f"  validation loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
             runs[variant][seed] = {"validation_loss": loss, "train": stats}
             if config.layer_shortcut and seed == args.seeds[0]:
                 path = args.results_dir / f"{NAME}_attention_{config.shortcut_mode}.png"

@@ -217,36 +217,19 @@ def parse_args(argv=None):
     parser.add_argument("--n-keys", type=int, default=16)
     parser.add_argument("--n-values", type=int, default=8)
     parser.add_argument("--n-noise", type=int, default=32)
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--intermediate-size", type=int, default=128)
+    C.add_model_args(parser, hidden_size=64, layers=3, heads=2, intermediate_size=128)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(C.VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--smoke" in argv:  # tiny defaults for CI; flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    return C.parse_args_with_smoke(parser, argv, SMOKE)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     C.setup_torch(args.threads)
     task = Task(args.n_noise, args.n_keys, args.n_values, args.pairs, args.layout)
-    base = dict(
-        vocab_size=task.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.context, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS,
-        eos_token_id=None, use_cache=False,  # no cache: packed position_ids become a block-diagonal mask
-    )
-    target = C.num_params(C.make_config(base, "softmax_rope"))
-    configs = {}
-    for variant in args.variants:
-        config = C.make_config(base, variant)
-        if C.num_params(config) != target:  # equal size: narrow the MLP to pay for the shortcut
-            config = C.make_config(base, variant, intermediate_size=C.matched_intermediate_size(base, variant, target))
-        configs[variant] = config
+    base = C.base_config(args, task.vocab_size, pad_token_id=PAD, bos_token_id=BOS,
+                         use_cache=False)  # no cache: packed position_ids become a block-diagonal mask
+    configs = C.equal_size_configs(base, args.variants)
 
     throughput = None
     if args.throughput_rounds:
@@ -255,21 +238,10 @@ def main(argv=None) -> dict:
 
     results = {"variants": {}}
     for variant, config in configs.items():
-        key = C.run_key(NAME, C.config_fingerprint(config), {k: getattr(args, k) for k in TRAIN_ARGS})
-        run_dir = args.work_dir / NAME / f"{variant}-seed{args.seed}-{key}"
-        C.log(f"{variant}: {C.num_params(config):,} parameters, run dir {run_dir}")
-        from transformers import set_seed
-
-        set_seed(args.seed)
-        model = C.build_model(config)
         dataset = RecallDataset(task, args.context, args.steps * args.batch_size, args.seed, args.batch_size,
                                 args.steps, parse_curriculum(args.curriculum))
-        model, stats = C.train_model(
-            model, dataset, run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            warmup=C.warmup_steps(args), seed=args.seed, tokens_per_example=args.context, save_steps=args.save_steps,
-            log_steps=max(1, min(10, args.steps // 10)),
-        )
-        C.log(f"  trained: {stats['train_seconds']:.0f} s, final train loss {stats['final_train_loss']:.3f}")
+        model, stats, run_dir = C.train_run(NAME, variant, config, dataset, args, TRAIN_ARGS, args.seed,
+                                            tokens_per_example=args.context)
         evals = {}
         for context in args.eval_contexts:
             path = run_dir / f"eval_{context}_{C.run_key(args.eval_queries, args.eval_max_tokens)}.json"
