@@ -10,7 +10,7 @@ stick-breaking + `depth` shortcut (o_proj random, so it is not skipped). Weights
 Timed, with the variants interleaved round-robin (order rotated every round) so machine drift hits them alike:
 - prefill of T tokens (`--prefill`, logits of the last token only, as `generate` does);
 - decode: `--decode-tokens` single-token steps over a context of C tokens (`--decode-context`) with the dynamic cache,
-  tokens/s; with `--static-compile` also with a `StaticCache` and the decode step under `torch.compile`;
+  tokens/s (each variant prefills once per context; later rounds crop its cache back to C tokens); with `--static-compile` also with a `StaticCache` and the decode step under `torch.compile`;
 - training: forward + backward + AdamW step on one sequence of T tokens (`--train-context`), tokens/s.
 A ratio is the median over rounds of (variant / softmax in the same round), with its interquartile range. Also
 reported: how many keys each query visits before the stick-breaking op's exact early exit (the stick below e^-86),
@@ -19,6 +19,7 @@ from the queries and keys of a prefill of the largest prefill length.
     python benchmarks/bench_models.py [--config configs/smollm2-135m-softmax.json] [--weights random|smollm2|DIR]
         [--prefill 512 2048] [--decode-context 1024 4096] [--decode-tokens 16] [--train-context 512 2048]
         [--repeats 5] [--threads 1] [--dtype float32|bfloat16] [--static-compile] [--json out.json]
+        [--variants softmax stickbreaking stickbreaking+depth]
 """
 
 import argparse
@@ -40,6 +41,7 @@ VARIANTS = {
     "stickbreaking + depth shortcut": dict(attention_variant="stickbreaking", layer_shortcut=True, shortcut_mode="depth"),
 }
 BASELINE = "softmax (SDPA)"
+SHORT_NAMES = {"softmax": BASELINE, "stickbreaking": "stickbreaking", "stickbreaking+depth": "stickbreaking + depth shortcut"}
 BENCH_DTYPE = ["float32"]  # set from --dtype
 
 
@@ -69,7 +71,10 @@ def build_variants(args):
     # A checkpoint trained with stick-breaking keeps its own position handling (e.g. the uptrained SmolLM2 kept RoPE),
     # so its stick lengths stay the trained ones; otherwise each variant takes its default (softmax RoPE, SB NoPE).
     trained_rope = config.use_rope if getattr(config, "attention_variant", "softmax") == "stickbreaking" else None
+    wanted = {BASELINE} | {SHORT_NAMES[name] for name in getattr(args, "variants", SHORT_NAMES)}
     for name, fields in VARIANTS.items():
+        if name not in wanted:
+            continue
         use_rope = trained_rope if fields["attention_variant"] == "stickbreaking" else None
         variant_config = AttnVariantLlamaConfig(**{**config.to_diff_dict(), **fields, "use_rope": use_rope})
         variant_config._attn_implementation = "sdpa"
@@ -94,19 +99,37 @@ def time_prefill(model, length):
     return time.perf_counter() - start
 
 
+_PREFILLED = {}  # (model id, context) -> the dynamic cache after the prefill, reused by later rounds
+
+
 @torch.no_grad()
 def time_decode(model, context, steps, static=False, compiled=None):
-    """Seconds per token of `steps` greedy single-token steps after a prefill of `context` tokens."""
+    """Seconds per token of `steps` greedy single-token steps after a prefill of `context` tokens.
+
+    The dynamic cache of a prefill is kept and cropped back to `context` tokens for the next round (what `generate`
+    would hold after the same prefill), so long contexts cost one prefill per variant, not one per round."""
     from transformers import DynamicCache, StaticCache
 
     ids = tokens(model, context + steps)
-    cache = StaticCache(config=model.config, max_cache_len=context + steps) if static else DynamicCache(config=model.config)
-    model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if static:
+        cache = StaticCache(config=model.config, max_cache_len=context + steps)
+        model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    elif (id(model), context) in _PREFILLED:
+        cache = _PREFILLED[id(model), context]
+        cache.crop(context - cache.get_seq_length())  # negative: drop the last steps (old and new transformers)
+    else:
+        for key in [key for key in _PREFILLED if key[1] != context]:  # a 32k cache of a 135M model is ~3 GB
+            del _PREFILLED[key]
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     step = compiled if compiled is not None else model
     start = time.perf_counter()
     for t in range(context, context + steps):
         step(ids[:, t : t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return (time.perf_counter() - start) / steps
+    elapsed = (time.perf_counter() - start) / steps
+    if not static:
+        _PREFILLED[id(model), context] = cache
+    return elapsed
 
 
 def time_train_step(model, length, optimizer):
@@ -201,6 +224,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--static-compile", action="store_true", help="also decode with a StaticCache + torch.compile")
+    parser.add_argument("--variants", nargs="+", choices=list(SHORT_NAMES), default=list(SHORT_NAMES),
+                        help="variants to time (softmax, the baseline, always runs)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +265,7 @@ def main():
             time_train_step(model, min(length, 64), optimizers[name])  # warm-up (allocates AdamW state)
         summary = interleaved(models, args.repeats, lambda n, m: time_train_step(m, length, optimizers[n]))
         report("train", f"T={length}", {n: (s / length, r, a, b) for n, (s, r, a, b) in summary.items()}, "tok/s")
-    if args.prefill:
+    if args.prefill and "stickbreaking" in models:
         results["keys_visited"] = keys_visited(models["stickbreaking"], max(args.prefill))
         kv = results["keys_visited"]
         print(f"keys visited per query before the early exit (T={kv['context']}): median {kv['median']}, "

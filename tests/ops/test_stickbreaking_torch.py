@@ -106,11 +106,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+CPU_KERNELS = ("forward", "backward", "decode")
+
+
+def pure_pytorch(monkeypatch):
+    """Make the op run without the package's C++ kernels (what remote code without the package runs)."""
+    for name in CPU_KERNELS:
+        monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, name, None)
+
+
 @pytest.fixture(params=["cpu_kernel", "torch"])
 def forward_path(request, monkeypatch):
-    """Run the blockwise op's forward as the package's C++ kernel and as pure PyTorch (what remote code runs)."""
+    """Run the op (forward, backward and decode) as the package's C++ kernels and as pure PyTorch."""
     if request.param == "torch":
-        monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+        pure_pytorch(monkeypatch)
     else:
         from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, enabled, forward_kernel
 
@@ -202,8 +211,10 @@ def test_blockwise_gradcheck(attend_current, with_mask, forward_path):
     assert torch.autograd.gradcheck(op, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_blockwise_backward_is_deterministic():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blockwise_backward_is_deterministic(threads, forward_path):
     q, k, v = make_qkv(1, 4, 2, 150, 150, 16, 16)
+    torch.set_num_threads(threads)  # the C++ backward sums its per-thread dk/dv copies in a fixed order
     first = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=32)
     second = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=32)
     for name in QUANTITIES:
@@ -549,11 +560,13 @@ def test_stock_llama_greedy_generate_with_cache_equals_without(tiny_stock_llama)
     ],
 )
 @pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "padding"])
-def test_decode_path_matches_reference(monkeypatch, HQ, H, Q, K, Dv, attend_current, std, first_chunk, with_mask):
-    """No-grad calls with Q <= 16 take the chunked decode path: exact to the float64 reference."""
+def test_decode_path_matches_reference(monkeypatch, HQ, H, Q, K, Dv, attend_current, std, first_chunk, with_mask,
+                                       forward_path):
+    """No-grad calls with Q <= 16 take the decode path (C++ or chunked PyTorch): exact to the float64 reference."""
     from hf_attn_variants.models.attn_variant_llama import stickbreaking_torch
 
     monkeypatch.setattr(stickbreaking_torch, "DECODE_FIRST_CHUNK", first_chunk)
+    monkeypatch.setattr(stickbreaking_torch, "DECODE_KERNEL_BLOCK_SIZE", first_chunk)
     q, k, v = make_qkv(2, HQ, H, Q, K, 16, Dv, dtype=torch.float64, std=std)
     if std < 0.1:  # small logits: beta ~ 1/2, and a negative offset makes the stick reach far keys
         q = q - 0.6 * k.mean(dim=2, keepdim=True).repeat_interleave(HQ // H, dim=1)[..., :1]
@@ -616,17 +629,15 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
-@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
-@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
-                                                        mask_kind, dtype, monkeypatch):
+def require_cpu_kernels():
     from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, enabled, forward_kernel
 
     if not enabled():
         pytest.skip(f"{ENV_VAR}=0")
     assert forward_kernel() is not None, "the C++ CPU kernel failed to build (see the logged warning)"
+
+
+def kernel_case_inputs(B, HQ, H, Q, K, D, Dv, std, mask_kind, dtype):
     q, k, v = make_qkv(B, HQ, H, Q, K, D, Dv, dtype=dtype, std=std)
     if std < 0.1:  # logits near -8: the stick survives every key block
         q, k = q + 1, k - 1
@@ -638,15 +649,27 @@ def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, b
     elif mask_kind == "random":
         mask = torch.rand(B, HQ, Q, K, generator=torch.Generator().manual_seed(3)) > 0.3
         mask[..., : max(1, Q // 4), :] = False  # fully masked rows too
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
+@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
+@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
+                                                        mask_kind, dtype, monkeypatch):
+    """The C++ forward (with gradients on) and decode (Q <= 16, no gradients) against PyTorch and float64."""
+    require_cpu_kernels()
+    q, k, v, mask = kernel_case_inputs(B, HQ, H, Q, K, D, Dv, std, mask_kind, dtype)
     kwargs = dict(attend_current=attend_current, attention_mask=mask, block_size=block_size)
     with torch.no_grad():
         ref_o, ref_rem = naive_stickbreaking_attn(q.double(), k.double(), v.double(), attend_current=attend_current,
                                                   attention_mask=mask)
-        if Q > 16:  # the decode path (Q <= 16, no grad) has its own loop: go through the blockwise op with grad on
+        if Q > 16:  # the decode path (Q <= 16, no grad) has its own kernel: go through the blockwise op with grad on
             q.requires_grad_(True)
         with torch.enable_grad():
             o, rem = blockwise_stickbreaking_attn(q, k, v, **kwargs)
-            monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+            pure_pytorch(monkeypatch)
             o_torch, rem_torch = blockwise_stickbreaking_attn(q, k, v, **kwargs)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     # At |z| ~ 1e3 the reference's own log-space rounding (~3e-11 in fp64) dominates; both paths agree far closer.
@@ -660,6 +683,65 @@ def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, b
         assert torch.equal(rem[..., : max(1, Q // 4)].detach(), torch.ones_like(rem[..., : max(1, Q // 4)]))
 
 
+@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
+@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
+@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_kernel_backward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
+                                                         mask_kind, dtype, monkeypatch):
+    """dq, dk, dv of the C++ backward against the PyTorch backward and autograd on the float64 reference."""
+    require_cpu_kernels()
+    q, k, v, mask = kernel_case_inputs(B, HQ, H, Q, K, D, Dv, std, mask_kind, dtype)
+    kwargs = dict(attend_current=attend_current, attention_mask=mask)
+    ref = outputs_and_grads(naive_stickbreaking_attn, q.double(), k.double(), v.double(), **kwargs)
+    out = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=block_size, **kwargs)
+    pure_pytorch(monkeypatch)
+    torch_out = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=block_size, **kwargs)
+    tol = 1e-11 if dtype == torch.float64 else 1e-5
+    # At |z| ~ 1e3 every gradient is ~e^-20 of the cotangents: the farther-key sums (row total minus the nearer g)
+    # are then pure rounding unless clamped (both backwards clamp them; unclamped they were off by 10x in fp32).
+    tol = tol * (100 if std > 10 else 1)
+    for name in ("dq", "dk", "dv"):
+        assert out[name].dtype == dtype
+        assert torch.isfinite(out[name]).all(), name
+        assert_close(name, ref[name], out[name], tol)
+        assert_close(name + " vs torch", torch_out[name], out[name], tol)
+
+
+@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
+def test_cpu_kernel_backward_gradcheck_gqa_mask(attend_current):
+    require_cpu_kernels()
+    q, k, v = make_qkv(1, 4, 2, 7, 9, 3, 2, dtype=torch.float64, seed=6)
+    mask = torch.rand(1, 1, 7, 9, generator=torch.Generator().manual_seed(7)) > 0.3
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def op(q, k, v):
+        return blockwise_stickbreaking_attn(q, k, v, attend_current=attend_current, attention_mask=mask, block_size=3)
+
+    assert torch.autograd.gradcheck(op, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["static-cache-slice", "transposed"])
+def test_cpu_kernel_decode_reads_strided_caches(layout, monkeypatch):
+    """The C++ decode reads a static cache's slice in place and copies only what has no contiguous last dim."""
+    require_cpu_kernels()
+    q, k, v = make_qkv(2, 6, 3, 2, 400, 16, 8, std=0.05, seed=9)
+    q, k = q + 1, k - 1  # a long stick: several decode blocks
+    if layout == "static-cache-slice":
+        k_buffer, v_buffer = torch.zeros(2, 3, 512, 16), torch.zeros(2, 3, 512, 8)
+        k_buffer[:, :, :400], v_buffer[:, :, :400] = k, v
+        k_in, v_in = k_buffer[:, :, :400], v_buffer[:, :, :400]
+    else:
+        k_in, v_in = (x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in (k, v))  # last-dim stride K
+    mask = (torch.rand(2, 1, 1, 400, generator=torch.Generator().manual_seed(3)) > 0.2).expand(2, 1, 2, 400)
+    ref_o, ref_rem = naive_stickbreaking_attn(q.double(), k.double(), v.double(), attention_mask=mask)
+    with torch.no_grad():
+        o, rem = blockwise_stickbreaking_attn(q, k_in, v_in, attention_mask=mask)
+    assert_close("o", ref_o, o, 2e-6)
+    assert_close("rem", ref_rem, rem, 2e-6)
+    assert ref_rem.max() < 0.9  # the stick was really spent over many keys
+
+
 def test_cpu_kernel_propagates_nan_like_torch(monkeypatch):
     from hf_attn_variants.ops.stickbreaking_cpu import enabled
 
@@ -668,10 +750,15 @@ def test_cpu_kernel_propagates_nan_like_torch(monkeypatch):
     q, k, v = make_qkv(1, 2, 1, 40, 40, 8)
     q[0, 1, 20] = float("nan")
     o, rem = blockwise_stickbreaking_attn(q.requires_grad_(), k, v, block_size=8)
-    monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", None)
+    with torch.no_grad():
+        o_decode, rem_decode = blockwise_stickbreaking_attn(q[:, :, 18:22], k[:, :, :22], v[:, :, :22])
+    pure_pytorch(monkeypatch)
     o_torch, rem_torch = blockwise_stickbreaking_attn(q, k, v, block_size=8)
     assert torch.equal(o.isnan(), o_torch.isnan()) and torch.equal(rem.isnan(), rem_torch.isnan())
     assert o.isnan().any() and not o[0, 0].isnan().any()
+    with torch.no_grad():
+        o_decode_torch, _ = blockwise_stickbreaking_attn(q[:, :, 18:22], k[:, :, :22], v[:, :, :22])
+    assert torch.equal(o_decode.isnan(), o_decode_torch.isnan()) and o_decode[0, 1, 2].isnan().all()
 
 
 def test_torch_backend_and_env_var_keep_pure_pytorch(monkeypatch):
@@ -679,12 +766,17 @@ def test_torch_backend_and_env_var_keep_pure_pytorch(monkeypatch):
     from hf_attn_variants.ops import stickbreaking_cpu
 
     calls = []
-    monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, "forward", lambda *args: calls.append(args) or (None, None))
+    for name in CPU_KERNELS:
+        monkeypatch.setitem(stickbreaking_torch._CPU_KERNEL, name, lambda *args: calls.append(args) or (None, None))
     q, k, v = make_qkv(1, 2, 1, 20, 20, 4)
     module = fake_attention_module(2, 4, stickbreaking_backend="torch")
     monkeypatch.delenv("HF_ATTN_VARIANTS_SB_BACKEND", raising=False)
     with torch.enable_grad():
         out, _ = stickbreaking_attention_forward(module, q.requires_grad_(), k, v, None)
-    assert torch.isfinite(out).all() and not calls
+        out.sum().backward()
+    with torch.no_grad():
+        decoded, _ = stickbreaking_attention_forward(module, q[:, :, -1:], k, v, None)
+    assert torch.isfinite(out).all() and torch.isfinite(decoded).all() and not calls
     monkeypatch.setenv(stickbreaking_cpu.ENV_VAR, "0")
     assert stickbreaking_cpu.forward_kernel() is None
+    assert stickbreaking_cpu.backward_kernel() is None and stickbreaking_cpu.decode_kernel() is None

@@ -39,7 +39,7 @@ class AttnVariantLlamaConfig(LlamaConfig):
             Logit scale s in z_ij = s * q_i . k_j. `None` uses the attention module's scaling, 1/sqrt(head_dim).
         stickbreaking_backend (`str`, *optional*, defaults to `"auto"`):
             `"auto"` (Triton kernels on CUDA when installed; PyTorch otherwise, on CPU with the package's fused C++
-            kernel when it is installed and builds), `"torch"` (pure PyTorch) or `"triton"`.
+            kernels when it is installed and they build), `"torch"` (pure PyTorch) or `"triton"`.
             The environment variable `HF_ATTN_VARIANTS_SB_BACKEND` overrides it.
         layer_shortcut (`bool`, *optional*, defaults to `False`):
             Add the layerwise attention shortcut (Verma & Pilanci, arXiv 2409.10870): the final layer attends to the

@@ -20,10 +20,10 @@ Three implementations share that contract:
   reverse cumulative sum becomes a running sum, and the backward recomputes blocks instead of storing weights.
 - `hf_attn_variants.ops.stickbreaking.parallel_stickbreaking_attn` (Triton, separate package, imported lazily).
 
-On CPU the blockwise forward runs as the package's C++ kernel (`hf_attn_variants.ops.stickbreaking_cpu`: the same
-algorithm and numerics, threads over query blocks, fused elementwise work) when the package is installed and the
-kernel builds; `stickbreaking_backend="torch"` (or a checkpoint run as remote code without the package) keeps pure
-PyTorch.
+On CPU the blockwise forward, its backward and the decode path run as the package's C++ kernels
+(`hf_attn_variants.ops.stickbreaking_cpu`: the same algorithm and numerics, threads over query blocks, fused
+elementwise work) when the package is installed and the kernels build; `stickbreaking_backend="torch"` (or a
+checkpoint run as remote code without the package) keeps pure PyTorch.
 
 Numerics of the blockwise op (fp32 compute for fp16/bf16/fp32 inputs, fp64 for fp64):
 - |z| is clamped at -log(tiny) - 1 (86 in fp32, 707 in fp64), which keeps CPU exp/sigmoid off their slow underflow
@@ -68,10 +68,12 @@ BACKEND_ENV_VAR = "HF_ATTN_VARIANTS_SB_BACKEND"
 # 128 x 128 score blocks measured fastest on a 2-core AVX2 CPU (256 was ~10% slower, cache misses) and keep a
 # block's few temporaries (B * HQ * 128 * 128 fp32 each) small next to o.
 DEFAULT_BLOCK_SIZE = 128
-# The C++ forward's blocks: its scores live per thread, so larger blocks (faster GEMMs) cost no memory of note.
+# The C++ forward's and backward's blocks: their scores live per thread, so larger blocks (faster GEMMs) cost no
+# memory of note.
 CPU_KERNEL_BLOCK_SIZE = 256
 # Up to this many queries without gradients (decoding, speculative verification) take one fused pass over all keys.
 DECODE_MAX_QUERIES = 16
+DECODE_KERNEL_BLOCK_SIZE = 128  # keys per block of the C++ decode (the early exit is checked between blocks)
 DECODE_FIRST_CHUNK = 256  # keys of the decode path's first (nearest) chunk; later chunks are 4x larger each
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,12 +199,15 @@ def naive_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attentio
 
     # Hidden logits are zeroed (not -inf) so no inf ever reaches autograd; `visible` removes them explicitly.
     z = torch.where(visible, scale * q5 @ k5.transpose(-1, -2), 0.0)
-    log_one_minus_beta = torch.where(visible, -F.softplus(z), 0.0)
-    # Inclusive reverse cumulative sum over keys: sum_{l >= j} log(1 - beta_il).
-    log_stick_from_j = log_one_minus_beta.flip(-1).cumsum(-1).flip(-1)
+    # log beta = logsigmoid(z) and log(1 - beta) = logsigmoid(-z) are accurate at every z (F.softplus switches to
+    # the identity above 20, an error of e^-20 ~ 2e-9 in float64; z - softplus(z) would also cancel for beta ~ 1).
+    log_one_minus_beta = torch.where(visible, F.logsigmoid(-z), 0.0)
+    # Reverse cumulative sum over the keys nearer than j: sum_{j < l} log(1 - beta_il) (hidden keys add 0).
+    log_stick_before_j = log_one_minus_beta.flip(-1).cumsum(-1).flip(-1)[..., 1:]
+    log_stick_before_j = torch.cat([log_stick_before_j, torch.zeros_like(z[..., :1])], dim=-1)
     # Flattened before the value product, so returned weights are the tensor `o` was computed from (their gradient
     # is then the gradient of the output, as transformers' `retain_grad` contract expects).
-    weights = torch.where(visible, torch.exp(z + log_stick_from_j), 0.0).flatten(1, 2)  # (B, HQ, Q, K)
+    weights = torch.where(visible, torch.exp(F.logsigmoid(z) + log_stick_before_j), 0.0).flatten(1, 2)
     o = (weights.unflatten(1, (H, G)) @ v5).flatten(1, 2)
     rem = torch.exp(log_one_minus_beta.sum(-1))
     if return_weights:
@@ -337,18 +342,19 @@ def _forward_block_weights(neg_q_block, k_block, stick, hidden, clamp_logits):
 _CPU_KERNEL = {}
 
 
-def _cpu_forward_kernel(x):
-    """The package's C++ forward for `x`'s device and dtype, or None (not CPU fp32/fp64, no package, no build)."""
+def _cpu_kernel(x, name):
+    """The package's C++ kernel `name` ("forward", "backward" or "decode") for `x`'s device and dtype, or None (not CPU
+    fp32/fp64, no package, no build)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    if "forward" not in _CPU_KERNEL:
+    if name not in _CPU_KERNEL:
         try:
-            from hf_attn_variants.ops.stickbreaking_cpu import forward_kernel
+            from hf_attn_variants.ops import stickbreaking_cpu
         except ImportError:  # remote code without the package: pure PyTorch
-            _CPU_KERNEL["forward"] = None
+            _CPU_KERNEL[name] = None
         else:
-            _CPU_KERNEL["forward"] = forward_kernel()
-    return _CPU_KERNEL["forward"]
+            _CPU_KERNEL[name] = getattr(stickbreaking_cpu, f"{name}_kernel")()
+    return _CPU_KERNEL[name]
 
 
 def _query_block_rows(x5, i0, i1, factor=None):
@@ -361,7 +367,8 @@ def _query_block_rows(x5, i0, i1, factor=None):
 def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size, cpu_kernel_block_size=None):
     """q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv) in compute dtype -> o (B, H, G, Q, Dv), rem (B, H, G, Q).
 
-    `cpu_kernel_block_size`: run as the package's C++ forward with blocks of that size where it is available.
+    `cpu_kernel_block_size`: run as the package's C++ forward with blocks of that size where it is available (the
+    autograd function's backward then takes the C++ backward with the same blocks).
     """
     B, H, G, Q, _ = q5.shape
     K, Dv = v.shape[-2:]
@@ -369,7 +376,7 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     # |z| <= s |q| |k| (Cauchy-Schwarz). Where that bound is at most half the clamp bound (the half covers rounding of
     # the matmul), clamping would change nothing, so that pass over the scores is skipped; NaN/inf norms keep it.
     max_key_norm = k.norm(dim=-1).amax().item() if k.numel() else 0.0
-    kernel = _cpu_forward_kernel(q5) if cpu_kernel_block_size else None
+    kernel = _cpu_kernel(q5, "forward") if cpu_kernel_block_size else None
     if kernel is not None:
         mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
         o, rem = kernel(q5, k, v, scale, attend_current, mask, cpu_kernel_block_size, max_key_norm)
@@ -400,6 +407,18 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     return o, rem
 
 
+def _row_grad_totals(do5, drem5, o5, rem5):
+    """sum_j g_ij over all keys of row i: do_i . o_i - drem_i (1 - rem_i) (see `_blockwise_backward`)."""
+    return (do5 * o5).sum(-1) - drem5 * (1.0 - rem5)
+
+
+def _row_grad_bounds(do5, drem5, v):
+    """|g_ij| <= A_ij * bound_i with bound_i = |do_i| max_j |v_j| + |drem_i|, rounded up so a clamp to it never cuts
+    a true value; (B, H, G, Q)."""
+    max_value_norm = v.norm(dim=-1).amax(-1) if v.shape[-2] else v.new_zeros(v.shape[:2])
+    return (do5.norm(dim=-1) * max_value_norm[:, :, None, None] + drem5.abs()) * (1 + 64 * torch.finfo(v.dtype).eps)
+
+
 def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, grouped_mask, block_size):
     """
     Gradients of the blockwise forward; everything is in the compute dtype and in the (B, H, G, Q, X) layout.
@@ -407,15 +426,20 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
     With g_ij = A_ij (do_i·v_j - drem_i) the gradient w.r.t. log A_ij, the logit gradient is
     dz_ij = g_ij - beta_ij * sum_{l farther than or equal to j} g_il: z_ij enters log A_ij directly, and through
     log(1 - beta_ij) = -softplus(z_ij) (derivative -beta_ij) it enters log A_il of j itself and of every farther key l.
-    The farther-or-equal sum equals total_i - (sum over strictly nearer keys), and the row total is known up front:
-    sum_j g_ij = do_i·o_i - drem_i (1 - rem_i). So keys are again visited nearest first with a running sum.
+    Keys are visited nearest first again. Splitting the farther-or-equal sum into g_ij, the farther keys of the same
+    block (a reverse cumulative sum) and far_i, the sum over all farther blocks, gives
+    dz_ij = (1 - beta_ij) g_ij - beta_ij (in-block farther sum + far_i), which never subtracts g_ij from itself. far_i
+    is the row total, known up front (sum_j g_ij = do_i·o_i - drem_i (1 - rem_i)), minus every g so far; once the
+    stick is spent that difference is rounding noise (~eps |total|) around a true value near 0, so it is clamped to the
+    bound the true value obeys: |far_i| <= (stick left after the block) * (|do_i| max_j |v_j| + |drem_i|).
     """
     B, H, G, Q, D = q5.shape
     K = k.shape[-2]
     dq = torch.zeros_like(q5)
     dk = k.new_zeros(k.shape)
     dv = v.new_zeros(v.shape)
-    row_total = (do5 * o5).sum(-1) - drem5 * (1.0 - rem5)
+    row_total = _row_grad_totals(do5, drem5, o5, rem5)
+    g_bound = _row_grad_bounds(do5, drem5, v)
     for i0 in range(0, Q, block_size):
         i1 = min(Q, i0 + block_size)
         m = i1 - i0
@@ -423,6 +447,7 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
         do_block = _query_block_rows(do5, i0, i1)
         drem_block = drem5[:, :, :, i0:i1, None]
         row_total_block = row_total[:, :, :, i0:i1]
+        g_bound_block = g_bound[:, :, :, i0:i1]
         dq_block = neg_q_block.new_zeros(neg_q_block.shape)  # contiguous, so its flattened view accumulates in place
         log_stick = torch.zeros_like(row_total_block)
         nearer_grad = torch.zeros_like(row_total_block)  # sum of g over keys in nearer blocks
@@ -433,21 +458,24 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
             k_block = k[:, :, j0:j1].flip(-2)
             v_block = v[:, :, j0:j1].flip(-2)
             neg_logits, weights, log_stick = _block_weights(neg_q_block, k_block, log_stick, hidden)
-            grad_log_weights = (do_block @ v_block.transpose(-1, -2)).unflatten(2, (G, m))
-            grad_log_weights.sub_(drem_block).mul_(weights)  # g
-            # Strictly-nearer sum minus the row total = -(sum over farther-or-equal keys).
-            nearer_minus_total = grad_log_weights.cumsum(-1)
-            block_total = nearer_minus_total[..., -1].clone()
-            nearer_minus_total.sub_(grad_log_weights).add_((nearer_grad - row_total_block)[..., None])
-            nearer_grad += block_total
-            beta = neg_logits.neg_().sigmoid_()
-            grad_logits = grad_log_weights.addcmul_(beta, nearer_minus_total).flatten(2, 3)
+            g = (do_block @ v_block.transpose(-1, -2)).unflatten(2, (G, m))
+            g.sub_(drem_block).mul_(weights)
+            nearer_grad += g.sum(-1)
+            limit = log_stick.exp().mul_(g_bound_block)
+            far = torch.minimum(torch.maximum(row_total_block - nearer_grad, -limit), limit)
+            # Columns run nearest first: the farther keys of column c are the columns after it.
+            farther = g.flip(-1).cumsum(-1).flip(-1)
+            farther[..., :-1] = farther[..., 1:].clone()
+            farther[..., -1] = 0
+            farther.add_(far[..., None])
+            grad_logits = g.mul_(torch.sigmoid(neg_logits)).sub_(neg_logits.neg_().sigmoid_().mul_(farther))
+            grad_logits = grad_logits.flatten(2, 3)  # (1 - beta) g - beta (farther), farther as above
             dq_block.flatten(0, 1).baddbmm_(grad_logits.flatten(0, 1), k_block.flatten(0, 1))
             # neg_q_block is -s * q, so this subtracts -s * dz^T q, summed over the G query heads of each kv head.
             # Block products come out nearest-first and are flipped back into key order (torch has no negative strides).
             dk[:, :, j0:j1] -= (grad_logits.transpose(-1, -2) @ neg_q_block).flip(-2)
             dv[:, :, j0:j1] += (weights.flatten(2, 3).transpose(-1, -2) @ do_block).flip(-2)
-            del neg_logits, weights, beta, grad_log_weights, nearer_minus_total, grad_logits
+            del neg_logits, weights, g, farther, grad_logits
         dq[:, :, :, i0:i1] = dq_block.unflatten(2, (G, m))
     dq *= scale
     return dq, dk, dv
@@ -469,6 +497,7 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
                                       cpu_kernel_block_size)
         ctx.save_for_backward(q, k, v, o5, rem5, attention_mask)
         ctx.scale, ctx.attend_current, ctx.block_size = scale, attend_current, block_size
+        ctx.cpu_kernel_block_size = cpu_kernel_block_size
         return o5.flatten(1, 2).to(q.dtype), rem5.flatten(1, 2).to(q.dtype)
 
     @staticmethod
@@ -478,10 +507,18 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
         dtype = o5.dtype
         do5 = torch.zeros_like(o5) if do is None else do.to(dtype).unflatten(1, (H, G))
         drem5 = torch.zeros_like(rem5) if drem is None else drem.to(dtype).unflatten(1, (H, G))
-        dq5, dk, dv = _blockwise_backward(
-            do5, drem5, q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype), o5, rem5,
-            ctx.scale, ctx.attend_current, _grouped_mask(attention_mask, H, G), ctx.block_size,
-        )
+        q5, k_c, v_c = q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype)
+        grouped_mask = _grouped_mask(attention_mask, H, G)
+        kernel = _cpu_kernel(q5, "backward") if ctx.cpu_kernel_block_size else None
+        if kernel is not None:
+            mask = None if grouped_mask is None else grouped_mask.expand(*q5.shape[:-1], k.shape[-2])
+            row_totals = _row_grad_totals(do5.double(), drem5.double(), o5.double(), rem5.double())
+            dq5, dk, dv = kernel(q5, k_c, v_c, do5, drem5, row_totals,
+                                 _row_grad_bounds(do5, drem5, v_c), ctx.scale, ctx.attend_current, mask,
+                                 ctx.cpu_kernel_block_size)
+        else:
+            dq5, dk, dv = _blockwise_backward(do5, drem5, q5, k_c, v_c, o5, rem5, ctx.scale, ctx.attend_current,
+                                              grouped_mask, ctx.block_size)
         return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -509,10 +546,10 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
             bool tensor broadcastable to `[B, HQ, Q, K]`, True = may attend. Default: `None` (causal only).
         block_size (Optional[int]):
             query rows and keys per block (square blocks: 256-key blocks were ~15% faster with 2 threads but needed
-            1.44x SDPA's peak memory at T=8192 against 1.17x). Default: `128`, and `256` for the C++ forward.
+            1.44x SDPA's peak memory at T=8192 against 1.17x). Default: `128`, and `256` for the C++ kernels.
         cpu_kernel (bool):
-            on CPU in float32/float64, let the forward run as the package's C++ kernel when it is available (same
-            algorithm and numerics, faster). Default: `True`.
+            on CPU in float32/float64, let the forward, the backward and the decode path run as the package's C++
+            kernels when they are available (same algorithm and numerics, faster). Default: `True`.
 
     Returns:
         o (torch.Tensor): `[B, HQ, Q, Dv]` in the dtype of `q`.
@@ -522,17 +559,17 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
     scale = _resolve_scale(scale, D)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
-    # The C++ forward keeps its scores per thread, so by default it takes larger (faster) blocks than the backward.
+    # The C++ kernels keep their scores per thread, so by default they take larger (faster) blocks than PyTorch.
     cpu_kernel_block_size = (block_size or CPU_KERNEL_BLOCK_SIZE) if cpu_kernel else None
     block_size = block_size or DEFAULT_BLOCK_SIZE
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad:
-        return _decode_stickbreaking_attn(q, k, v, scale, bool(attend_current), attention_mask)
+        return _decode_stickbreaking_attn(q, k, v, scale, bool(attend_current), attention_mask, cpu_kernel)
     return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size,
                                                 cpu_kernel_block_size)
 
 
-def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask):
+def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask, cpu_kernel=True):
     """Few queries over many keys (decoding), forward only, in a few large nearest-first chunks of keys.
 
     The blockwise loop pays ~0.4 ms of per-block overhead that decoding cannot amortise. Here the score matrix of a
@@ -541,11 +578,20 @@ def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask):
     and a stick that reaches the whole cache only a few. Log space as in the reference: log A_ij = z_ij +
     sum_{l >= j visible} log(1 - beta_il), an inclusive reverse cumulative sum per chunk (flip, cumsum, flip: exact)
     plus the log-stick left by nearer chunks. Same clamps as the blockwise op, so weights move by < 1e-37 (fp32).
+
+    With `cpu_kernel`, CPU fp32/fp64 inputs run as the package's C++ `decode` where it is available: the same
+    nearest-first early exit in product space, like the C++ forward, in one call per layer with no per-chunk ops.
     """
     B, HQ, Q, D = q.shape
     H, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     dtype = _compute_dtype(q.dtype)
+    kernel = _cpu_kernel(q, "decode") if cpu_kernel and k.dtype == q.dtype and v.dtype == q.dtype else None
+    if kernel is not None:
+        grouped_mask = _grouped_mask(attention_mask, H, G)
+        mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
+        o, rem = kernel(q.view(B, H, G, Q, D), k, v, scale, attend_current, mask, DECODE_KERNEL_BLOCK_SIZE)
+        return o.view(B, HQ, Q, Dv), rem.view(B, HQ, Q)
     bound = _log_negligible(dtype)
     neg_query = q.to(dtype).reshape(B, H, G * Q, D) * -scale  # query head h*G + g reads kv head h
     grouped_mask = _grouped_mask(attention_mask, H, G)

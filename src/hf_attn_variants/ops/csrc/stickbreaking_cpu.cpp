@@ -35,6 +35,41 @@ inline at::vec::Vectorized<scalar_t> fast_exp(const at::vec::Vectorized<scalar_t
 
 constexpr int64_t kTileRows = 8;  // rows whose stick products run interleaved (independent multiply chains)
 
+// One row of scores, in place (vectorised along the keys): x holds -z, keys in cache order, its `hidden` nearest keys
+// (a suffix) causally hidden. Writes beta = 1 / (1 + e) to x and 1 - beta = e * beta to keep, e = exp(-z), with no
+// cancellation for any z. Hidden keys (the suffix, and -z = +inf from the mask) get beta = 0 and 1 - beta = 1: they
+// break nothing.
+template <typename scalar_t>
+inline void row_betas(scalar_t* x, scalar_t* keep, int64_t n, int64_t hidden, scalar_t max_abs_logit, bool clamp) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec one(1), zero(0), inf(std::numeric_limits<scalar_t>::infinity()), hi(max_abs_logit), lo(-max_abs_logit);
+  const int64_t visible = n - std::min<int64_t>(n, std::max<int64_t>(0, hidden));
+  std::fill(x + visible, x + n, scalar_t(0));
+  std::fill(keep + visible, keep + n, scalar_t(1));
+  int64_t c = 0;
+  for (; c + Vec::size() <= visible; c += Vec::size()) {
+    Vec neg_z = Vec::loadu(x + c);
+    Vec masked = neg_z == inf;
+    // maximum/minimum propagate NaN, as torch.clamp does.
+    Vec e = fast_exp(clamp ? at::vec::minimum(at::vec::maximum(neg_z, lo), hi) : neg_z);
+    Vec beta = one / (one + e);
+    Vec::blendv(beta, zero, masked).store(x + c);
+    Vec::blendv(e * beta, one, masked).store(keep + c);
+  }
+  for (; c < visible; ++c) {
+    scalar_t neg_z = x[c];
+    if (neg_z == std::numeric_limits<scalar_t>::infinity()) {
+      x[c] = 0;
+      keep[c] = 1;
+      continue;
+    }
+    if (clamp && !std::isnan(neg_z)) neg_z = std::min(std::max(neg_z, -max_abs_logit), max_abs_logit);
+    const scalar_t e = std::exp(neg_z), beta = scalar_t(1) / (scalar_t(1) + e);
+    x[c] = beta;
+    keep[c] = e * beta;
+  }
+}
+
 // Weights of one (query block, key block) pair, in place. scores (rows, n) holds -z with the keys in cache order
 // (column c = key j0 + c), so the nearest key is the last column; stick (rows,) is the stick left by nearer blocks and
 // becomes the stick left after this one. Row t is query t % rows_per_group of its block; its `band - t % rows_per_group`
@@ -42,40 +77,11 @@ constexpr int64_t kTileRows = 8;  // rows whose stick products run interleaved (
 template <typename scalar_t>
 void rows_block_weights(scalar_t* scores, scalar_t* stick, int64_t rows, int64_t n, int64_t rows_per_group,
                         int64_t band, scalar_t max_abs_logit, bool clamp, scalar_t* keep) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const Vec one(1), zero(0), inf(std::numeric_limits<scalar_t>::infinity()), hi(max_abs_logit), lo(-max_abs_logit);
   for (int64_t tile = 0; tile < rows; tile += kTileRows) {
     const int64_t tile_rows = std::min(kTileRows, rows - tile);
-    // Pass 1 (vectorised along the keys): e = exp(-z), beta = 1 / (1 + e), 1 - beta = e * beta, with no cancellation
-    // for any z. Hidden keys get beta = 0 and 1 - beta = 1: they break nothing.
     for (int64_t t = 0; t < tile_rows; ++t) {
-      scalar_t* x = scores + (tile + t) * n;
-      scalar_t* kp = keep + t * n;
-      const int64_t visible = n - std::min<int64_t>(n, std::max<int64_t>(0, band - (tile + t) % rows_per_group));
-      std::fill(x + visible, x + n, scalar_t(0));
-      std::fill(kp + visible, kp + n, scalar_t(1));
-      int64_t c = 0;
-      for (; c + Vec::size() <= visible; c += Vec::size()) {
-        Vec neg_z = Vec::loadu(x + c);
-        Vec hidden = neg_z == inf;
-        // maximum/minimum propagate NaN, as torch.clamp does.
-        Vec e = fast_exp(clamp ? at::vec::minimum(at::vec::maximum(neg_z, lo), hi) : neg_z);
-        Vec beta = one / (one + e);
-        Vec::blendv(beta, zero, hidden).store(x + c);
-        Vec::blendv(e * beta, one, hidden).store(kp + c);
-      }
-      for (; c < visible; ++c) {
-        scalar_t neg_z = x[c];
-        if (neg_z == std::numeric_limits<scalar_t>::infinity()) {
-          x[c] = 0;
-          kp[c] = 1;
-          continue;
-        }
-        if (clamp && !std::isnan(neg_z)) neg_z = std::min(std::max(neg_z, -max_abs_logit), max_abs_logit);
-        const scalar_t e = std::exp(neg_z), beta = scalar_t(1) / (scalar_t(1) + e);
-        x[c] = beta;
-        kp[c] = e * beta;
-      }
+      row_betas<scalar_t>(scores + (tile + t) * n, keep + t * n, n, band - (tile + t) % rows_per_group,
+                          max_abs_logit, clamp);
     }
     // Pass 2, nearest key first: A = beta * (stick before the key); the stick shrinks by 1 - beta per key. The rows of
     // the tile advance together so that their multiply chains overlap.
@@ -90,6 +96,72 @@ void rows_block_weights(scalar_t* scores, scalar_t* stick, int64_t rows, int64_t
       }
     }
     for (int64_t t = 0; t < tile_rows; ++t) stick[tile + t] = s[t];
+  }
+}
+
+// Gradients of one (query block, key block) pair: the backward's counterpart of rows_block_weights (same layout, band
+// and mask convention, the same weights recomputed). In: x (rows, n) holds -z, dov (rows, n) do_i . v_j. Out: x holds
+// A, dov holds dL/dz; keep and beta are (rows, n) scratch; stick and nearer (the running sum of g over nearer keys)
+// carry over to the next, farther block.
+//
+// With g_ij = A_ij (do_i . v_j - drem_i), dL/dz_ij = g_ij - beta_ij F_ij, F_ij the sum of g over key j and every
+// farther key. Writing F_ij = g_ij + (farther keys of this block) + (farther blocks) gives
+//   dL/dz_ij = (1 - beta_ij) g_ij - beta_ij [in-block farther sum + far_i],
+// which never subtracts g_ij from itself; the in-block sum is summed directly, farthest first; far_i, the sum over
+// all farther blocks, is the row total (do_i . o_i - drem_i (1 - rem_i)) minus every nearer g. That difference
+// cancels once the stick is spent (true value ~0, rounding ~eps |total|), so it is clamped to the bound the true value
+// obeys, |far_i| <= (stick after this block) * bound_i with bound_i = |do_i| max_j |v_j| + |drem_i| (g_bound): without
+// that, fp32 gradients of rows whose logits reach |z| ~ 20+ carried rounding noise far above their size.
+template <typename scalar_t>
+void rows_block_grads(scalar_t* x, scalar_t* dov, scalar_t* keep, scalar_t* beta, scalar_t* stick, double* nearer,
+                      const scalar_t* drem, const double* total, const scalar_t* g_bound, int64_t rows, int64_t n,
+                      int64_t rows_per_group, int64_t band, scalar_t max_abs_logit) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* xr = x + r * n;
+    row_betas<scalar_t>(xr, keep + r * n, n, band - r % rows_per_group, max_abs_logit, /*clamp=*/true);
+    std::copy(xr, xr + n, beta + r * n);
+  }
+  for (int64_t tile = 0; tile < rows; tile += kTileRows) {
+    const int64_t tile_rows = std::min(kTileRows, rows - tile);
+    // The sums of g (and the row totals) are double: in float their rounding over a long stick was the largest error
+    // left in dq (1e-5 rel. RMS against 4e-6 at T=300, every key visited).
+    scalar_t s[kTileRows], dr[kTileRows];
+    double sum[kTileRows], far[kTileRows];
+    for (int64_t t = 0; t < tile_rows; ++t) {
+      s[t] = stick[tile + t];
+      sum[t] = 0;
+      dr[t] = drem[tile + t];
+    }
+    scalar_t* x0 = x + tile * n;
+    scalar_t* g0 = dov + tile * n;
+    const scalar_t* k0 = keep + tile * n;
+    const scalar_t* b0 = beta + tile * n;
+    // Nearest key first: A = beta * (stick before the key), g = A (do . v - drem); the rows advance together.
+    for (int64_t c = n - 1; c >= 0; --c) {
+      for (int64_t t = 0; t < tile_rows; ++t) {
+        const scalar_t weight = s[t] * b0[t * n + c];
+        s[t] *= k0[t * n + c];
+        const scalar_t g = weight * (g0[t * n + c] - dr[t]);
+        x0[t * n + c] = weight;
+        g0[t * n + c] = g;
+        sum[t] += g;
+      }
+    }
+    for (int64_t t = 0; t < tile_rows; ++t) {
+      const int64_t row = tile + t;
+      nearer[row] += sum[t];
+      const double limit = static_cast<double>(s[t]) * g_bound[row];
+      far[t] = std::min(std::max(total[row] - nearer[row], -limit), limit);
+      stick[row] = s[t];
+    }
+    // Farthest key first: the in-block farther sum accumulates directly onto far.
+    for (int64_t c = 0; c < n; ++c) {
+      for (int64_t t = 0; t < tile_rows; ++t) {
+        const scalar_t g = g0[t * n + c];
+        g0[t * n + c] = static_cast<scalar_t>(k0[t * n + c] * g - b0[t * n + c] * far[t]);
+        far[t] += g;
+      }
+    }
   }
 }
 
@@ -176,8 +248,225 @@ std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Ten
   return {o, rem};
 }
 
+// -z of every row against `n` keys: x[r * n + c] = neg_q[r] . key_c, key_c at keys + c * key_stride.
+template <typename scalar_t>
+void rows_key_scores(const scalar_t* neg_q, const scalar_t* keys, int64_t key_stride, int64_t rows, int64_t n,
+                     int64_t D, scalar_t* x) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t c = 0; c < n; ++c) {
+    const scalar_t* key = keys + c * key_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* q = neg_q + r * D;
+      Vec acc0(0), acc1(0);
+      int64_t d = 0;
+      for (; d + 2 * Vec::size() <= D; d += 2 * Vec::size()) {
+        acc0 = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(key + d), acc0);
+        acc1 = at::vec::fmadd(Vec::loadu(q + d + Vec::size()), Vec::loadu(key + d + Vec::size()), acc1);
+      }
+      for (; d + Vec::size() <= D; d += Vec::size()) acc0 = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(key + d), acc0);
+      scalar_t dot = at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
+      for (; d < D; ++d) dot += q[d] * key[d];
+      x[r * n + c] = dot;
+    }
+  }
+}
+
+// acc[r] += sum_c w[r * n + c] * value_c for every row, value_c at values + c * value_stride.
+template <typename scalar_t>
+void rows_accumulate_values(const scalar_t* w, const scalar_t* values, int64_t value_stride, int64_t rows, int64_t n,
+                            int64_t Dv, scalar_t* acc) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t c = 0; c < n; ++c) {
+    const scalar_t* value = values + c * value_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t weight = w[r * n + c];
+      if (weight == scalar_t(0)) continue;  // hidden keys and spent sticks
+      scalar_t* out = acc + r * Dv;
+      const Vec wv(weight);
+      int64_t d = 0;
+      for (; d + Vec::size() <= Dv; d += Vec::size()) {
+        at::vec::fmadd(wv, Vec::loadu(value + d), Vec::loadu(out + d)).store(out + d);
+      }
+      for (; d < Dv; ++d) out[d] += weight * value[d];
+    }
+  }
+}
+
+// Few queries over a long cache (decoding): q5 (B, H, G, Q, D) with Q small, k (B, H, K, D), v (B, H, K, Dv) with any
+// strides but a contiguous last dimension (a static cache's slice is read in place, never copied). The same
+// algorithm, band and early exit as `forward` with one query block, but without its per-call setup (tensor
+// allocations, GEMM calls, the key-norm pass that decides whether to clamp: here clamping is two vector ops): the
+// scores and the output accumulation are hand-vectorised loops over `block_size` keys nearest first, so each kept
+// key's k and v rows are read once, from L1. Threads take (batch, kv head) pairs.
+std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tensor v, double scale,
+                                  bool attend_current, c10::optional<torch::Tensor> mask, int64_t block_size) {
+  TORCH_CHECK(q5.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode: CPU tensors");
+  TORCH_CHECK(q5.dim() == 5 && k.dim() == 4 && v.dim() == 4, "decode: q (B,H,G,Q,D), k/v (B,H,K,D)");
+  TORCH_CHECK(q5.scalar_type() == k.scalar_type() && q5.scalar_type() == v.scalar_type(),
+              "decode: q, k, v dtypes differ");
+  TORCH_CHECK(block_size > 0, "decode: block_size must be positive");
+  if (k.stride(3) != 1) k = k.contiguous();
+  if (v.stride(3) != 1) v = v.contiguous();
+  const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
+  const int64_t K = k.size(2), Dv = v.size(3), rows = G * Q;
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
+              v.size(2) == K, "decode: shapes");
+  TORCH_CHECK(Q <= K, "decode: more queries than keys");
+  const bool* mask_ptr = nullptr;
+  std::vector<int64_t> ms(5, 0);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(0) == B && mask->size(1) == H &&
+                mask->size(2) == G && mask->size(3) == Q && mask->size(4) == K,
+                "decode: mask must be bool, expanded to (B,H,G,Q,K)");
+    mask_ptr = mask->data_ptr<bool>();
+    for (int d = 0; d < 5; ++d) ms[d] = mask->stride(d);
+  }
+  auto neg_q = (q5 * (-scale)).contiguous();  // (B, H, G*Q, D): row g * Q + a is query a of query head g
+  auto o = at::zeros({B, H, G, Q, Dv}, q5.options());
+  auto rem = at::ones({B, H, G, Q}, q5.options());
+  AT_DISPATCH_FLOATING_TYPES(q5.scalar_type(), "stickbreaking_decode", [&] {
+    const scalar_t max_abs_logit = static_cast<scalar_t>(-std::log(std::numeric_limits<scalar_t>::min()) - 1.0);
+    const scalar_t exhausted = std::exp(-max_abs_logit);
+    const scalar_t* k_ptr = k.data_ptr<scalar_t>();
+    const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+    const int64_t n_max = std::min(block_size, K);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scores(rows * n_max), keep(kTileRows * n_max);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / H, h = task % H;
+        const scalar_t* q_rows = neg_q.data_ptr<scalar_t>() + task * rows * D;
+        const scalar_t* keys = k_ptr + b * k.stride(0) + h * k.stride(1);
+        const scalar_t* values = v_ptr + b * v.stride(0) + h * v.stride(1);
+        scalar_t* acc = o.data_ptr<scalar_t>() + task * rows * Dv;
+        scalar_t* stick = rem.data_ptr<scalar_t>() + task * rows;
+        // Key blocks nearest first: distances [r0, r1) are keys [K - r1, K - r0). Query a sits at K - Q + a.
+        for (int64_t r0 = std::max<int64_t>(0, 1 - int64_t(attend_current)); r0 < K; r0 += block_size) {
+          if (max_of(stick, rows) <= exhausted) break;  // every row's stick is spent: farther keys get < tiny
+          const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
+          scalar_t* x = scores.data();
+          rows_key_scores<scalar_t>(q_rows, keys + j0 * k.stride(2), k.stride(2), rows, n, D, x);
+          if (mask_ptr != nullptr) {  // keys the mask hides: -z = +inf, which gives beta = 0
+            for (int64_t r = 0; r < rows; ++r) {
+              const bool* row = mask_ptr + b * ms[0] + h * ms[1] + (r / Q) * ms[2] + (r % Q) * ms[3] + j0 * ms[4];
+              for (int64_t c = 0; c < n; ++c) {
+                if (!row[c * ms[4]]) x[r * n + c] = std::numeric_limits<scalar_t>::infinity();
+              }
+            }
+          }
+          rows_block_weights<scalar_t>(x, stick, rows, n, Q, Q - int64_t(attend_current) - r0, max_abs_logit,
+                                       /*clamp=*/true, keep.data());
+          rows_accumulate_values<scalar_t>(x, values + j0 * v.stride(2), v.stride(2), rows, n, Dv, acc);
+        }
+      }
+    });
+  });
+  return {o, rem};
+}
+
+// Gradients of `forward`: q5 (B, H, G, Q, D), k, v, do5 (B, H, G, Q, Dv), drem5, total5 and bound5 (B, H, G, Q): the
+// row totals (float64) and the bounds |do_i| max_j |v_j| + |drem_i| (rounded up) of rows_block_grads; mask as in `forward`. Returns dq5, dk, dv. Per (batch, kv head, query block): the key blocks
+// nearest first with the same early exit, five GEMMs per block (scores, do . v, and dq, dk, dv) around one sweep.
+// dk and dv sum over query blocks, so each worker slot accumulates its own copy, summed at the end in slot order;
+// slots take tasks round-robin (the tasks' costs grow with the query block), which keeps the result deterministic
+// for a given thread count.
+std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Tensor v, torch::Tensor do5,
+                                    torch::Tensor drem5, torch::Tensor total5, torch::Tensor bound5, double scale,
+                                    bool attend_current,
+                                    c10::optional<torch::Tensor> mask, int64_t block_size) {
+  TORCH_CHECK(q5.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "backward: CPU tensors");
+  TORCH_CHECK(q5.dim() == 5 && k.dim() == 4 && v.dim() == 4 && do5.dim() == 5, "backward: shapes");
+  TORCH_CHECK(block_size > 0, "backward: block_size must be positive");
+  TORCH_CHECK(total5.scalar_type() == at::kDouble, "backward: row totals must be float64");
+  for (const auto& t : {k, v, do5, drem5, bound5}) {
+    TORCH_CHECK(t.scalar_type() == q5.scalar_type(), "backward: dtypes differ");
+  }
+  q5 = q5.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  do5 = do5.contiguous();
+  drem5 = drem5.contiguous();
+  total5 = total5.contiguous();
+  bound5 = bound5.contiguous();
+  const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
+  const int64_t K = k.size(2), Dv = v.size(3);
+  const bool* mask_ptr = nullptr;
+  std::vector<int64_t> ms(5, 0);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(3) == Q && mask->size(4) == K,
+                "backward: mask must be bool, expanded to (B,H,G,Q,K)");
+    mask_ptr = mask->data_ptr<bool>();
+    for (int d = 0; d < 5; ++d) ms[d] = mask->stride(d);
+  }
+  if (B * H * Q * K == 0) return {at::zeros_like(q5), at::zeros_like(k), at::zeros_like(v)};
+  const int64_t n_query_blocks = (Q + block_size - 1) / block_size, n_tasks = B * H * n_query_blocks;
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  auto dq5 = at::empty_like(q5);
+  auto dk_slots = at::zeros({slots, B, H, K, D}, q5.options());
+  auto dv_slots = at::zeros({slots, B, H, K, Dv}, q5.options());
+  AT_DISPATCH_FLOATING_TYPES(q5.scalar_type(), "stickbreaking_backward", [&] {
+    const scalar_t max_abs_logit = static_cast<scalar_t>(-std::log(std::numeric_limits<scalar_t>::min()) - 1.0);
+    const scalar_t exhausted = std::exp(-max_abs_logit);
+    at::parallel_for(0, slots, 1, [&](int64_t slot_begin, int64_t slot_end) {
+      std::vector<scalar_t> keep(G * std::min(block_size, Q) * std::min(block_size, K)), beta(keep.size());
+      for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
+        // Tasks from the last (most expensive) query block down, round-robin over the slots.
+        for (int64_t t = slot; t < n_tasks; t += slots) {
+          const int64_t task = n_tasks - 1 - t;
+          const int64_t b = task / (H * n_query_blocks), h = (task / n_query_blocks) % H;
+          const int64_t i0 = (task % n_query_blocks) * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
+          const int64_t rows = G * m;
+          auto neg_q = (q5[b][h].slice(1, i0, i1) * (-scale)).reshape({rows, D});
+          auto do_rows = do5[b][h].slice(1, i0, i1).reshape({rows, Dv});
+          auto drem = drem5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
+          auto total = total5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
+          std::vector<double> nearer(rows, 0.0);
+          auto g_bound = bound5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
+          auto stick = at::ones({rows}, q5.options());
+          auto dq_rows = at::zeros({rows, D}, q5.options());
+          scalar_t* stick_ptr = stick.data_ptr<scalar_t>();
+          auto keys = k[b][h], values = v[b][h];
+          auto dk = dk_slots[slot][b][h], dv = dv_slots[slot][b][h];
+          const int64_t first_visible = std::max<int64_t>(0, Q - i1 + 1 - int64_t(attend_current));
+          for (int64_t r0 = first_visible; r0 < K; r0 += block_size) {
+            if (max_of(stick_ptr, rows) <= exhausted) break;  // as the forward: farther keys have weights < tiny
+            const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
+            auto key_block = keys.slice(0, j0, j0 + n), value_block = values.slice(0, j0, j0 + n);
+            auto scores = at::mm(neg_q, key_block.t());  // -z
+            auto grads = at::mm(do_rows, value_block.t());  // do . v, then dL/dz
+            scalar_t* x = scores.data_ptr<scalar_t>();
+            if (mask_ptr != nullptr) {
+              for (int64_t g = 0; g < G; ++g) {
+                for (int64_t a = 0; a < m; ++a) {
+                  const bool* row = mask_ptr + b * ms[0] + h * ms[1] + g * ms[2] + (i0 + a) * ms[3] + j0 * ms[4];
+                  scalar_t* xr = x + (g * m + a) * n;
+                  for (int64_t c = 0; c < n; ++c) {
+                    if (!row[c * ms[4]]) xr[c] = std::numeric_limits<scalar_t>::infinity();
+                  }
+                }
+              }
+            }
+            rows_block_grads<scalar_t>(x, grads.data_ptr<scalar_t>(), keep.data(), beta.data(), stick_ptr,
+                                       nearer.data(), drem.data_ptr<scalar_t>(), total.data_ptr<double>(),
+                                       g_bound.data_ptr<scalar_t>(), rows, n, m,
+                                       Q - int64_t(attend_current) - i0 - r0, max_abs_logit);
+            dq_rows.addmm_(grads, key_block);
+            // neg_q is -s q: dk += s dz^T q = -dz^T neg_q.
+            dk.slice(0, j0, j0 + n).addmm_(grads.t(), neg_q, 1, -1);
+            dv.slice(0, j0, j0 + n).addmm_(scores.t(), do_rows);
+          }
+          dq5[b][h].slice(1, i0, i1).copy_(dq_rows.view({G, m, D}).mul_(scale));
+        }
+      }
+    });
+  });
+  if (slots == 1) return {dq5, dk_slots[0], dv_slots[0]};  // no second copy of dk and dv with one thread
+  return {dq5, dk_slots.sum(0), dv_slots.sum(0)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "stick-breaking attention forward (CPU)");
+  m.def("backward", &backward, "stick-breaking attention backward (CPU)");
+  m.def("decode", &decode, "stick-breaking attention forward for few queries over a long cache (CPU)");
 }
