@@ -10,9 +10,13 @@ the extra memory the call needed, outputs and gradients included, as the OS saw 
 
 Inputs: "random" is randn q, k, v (logits ~ N(0, 1): the stick runs out after ~100 keys and the op stops early);
 "long_stick" has logits ~ -8 (beta ~ 3e-4), so every key block is visited (the worst case for the op).
-The forward runs as the package's C++ CPU kernel when it builds; `HF_ATTN_VARIANTS_CPU_KERNEL=0` times pure PyTorch.
+The forward and backward run as the package's C++ CPU kernels when they build; `HF_ATTN_VARIANTS_CPU_KERNEL=0` times
+pure PyTorch.
 
-    python benchmarks/bench_stickbreaking_cpu.py --T 512 2048 8192 --repeats 5
+Decode (`--decode K ...`): one new query over a cache of K keys in SmolLM2's layout (9 query heads over 3 kv heads,
+D 64), no gradient, the op's decode path (the C++ `decode`, and pure PyTorch) against SDPA over the whole cache.
+
+    python benchmarks/bench_stickbreaking_cpu.py --T 512 2048 8192 --repeats 5 [--decode 1024 4096 16384]
 """
 
 import argparse
@@ -84,6 +88,35 @@ def time_ratio(T, inputs, mode, repeats):
     return statistics.median(times["stickbreaking"]), statistics.median(times["sdpa"])
 
 
+DECODE_HEADS, DECODE_KV_HEADS = 9, 3
+
+
+def decode_times(K, inputs, repeats):
+    """Median seconds of one decode step over K keys: (C++ decode, pure PyTorch decode, SDPA)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, DECODE_HEADS, 1, D, generator=generator)
+    k, v = (torch.randn(1, DECODE_KV_HEADS, K, D, generator=generator) for _ in range(2))
+    scale = None
+    if inputs == "long_stick":
+        q, k, scale = 1 + 0.1 * q, -1 + 0.1 * k, 8 / D
+    calls = {
+        "cpp": lambda: blockwise_stickbreaking_attn(q, k, v, scale=scale),
+        "torch": lambda: blockwise_stickbreaking_attn(q, k, v, scale=scale, cpu_kernel=False),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+    }
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                for _ in range(20):
+                    call()
+                times[name].append((time.perf_counter() - start) / 20)
+    return tuple(statistics.median(times[name]) for name in calls)
+
+
 def _status_kib(field):
     with open("/proc/self/status") as status:
         for line in status:
@@ -120,6 +153,7 @@ def main():
     parser.add_argument("--inputs", nargs="+", default=["random", "long_stick"], choices=["random", "long_stick"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--decode", type=int, nargs="*", default=[], help="also time decode over these cache lengths")
     parser.add_argument("--measure-peak", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +162,8 @@ def main():
         print(measure_peak_here(*json.loads(args.measure_peak)))
         return
 
-    print(f"# stick-breaking (blockwise; C++ CPU forward: {_cpu_kernel_state()}) vs SDPA(is_causal=True), CPU, B{B} H{H} D{D} fp32")
+    print(f"# stick-breaking (blockwise; C++ CPU kernels: {_cpu_kernel_state()}) vs SDPA(is_causal=True), CPU, "
+          f"B{B} H{H} D{D} fp32")
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"median of {args.repeats}; ratio = stick-breaking / SDPA\n")
     print("| T | inputs | fwd ms (SDPA ms) | fwd ratio | fwd+bwd ms (SDPA ms) | fwd+bwd ratio "
@@ -148,6 +183,15 @@ def main():
                 sdpa = peak_memory_mib("sdpa", T, inputs, mode, args.threads)
                 cells += [f"{ours:.1f} ({sdpa:.1f})", f"{ours / sdpa:.2f}" if sdpa > 0 else "-"]
             print("| " + " | ".join(cells) + " |", flush=True)
+    if args.decode:
+        print(f"\n# decode: 1 query, {DECODE_HEADS} query heads over {DECODE_KV_HEADS} kv heads, D{D}; ratio = time / SDPA")
+        print("\n| K | inputs | C++ decode us | PyTorch decode us | SDPA us | C++ / SDPA | PyTorch / SDPA |")
+        print("|---|---|---|---|---|---|---|")
+        for K in args.decode:
+            for inputs in args.inputs:
+                cpp, pure, sdpa = decode_times(K, inputs, args.repeats)
+                print(f"| {K} | {inputs} | {cpp * 1e6:.0f} | {pure * 1e6:.0f} | {sdpa * 1e6:.0f} | {cpp / sdpa:.2f} "
+                      f"| {pure / sdpa:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

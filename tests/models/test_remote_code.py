@@ -19,7 +19,7 @@ from hf_attn_variants.testing import remote_code_logits, tiny_config_kwargs
     ],
     ids=["softmax", "tied-rope-scaling", "stickbreaking"],
 )
-def test_remote_code_round_trip(tmp_path, overrides):
+def test_remote_code_round_trip(tmp_path, overrides, monkeypatch):
     torch.manual_seed(0)
     model = AttnVariantLlamaForCausalLM(AttnVariantLlamaConfig(**tiny_config_kwargs(**overrides))).eval()
     if hasattr(model.model.layers[0].self_attn, "stickbreaking_remainder_bias"):
@@ -49,8 +49,12 @@ def test_remote_code_round_trip(tmp_path, overrides):
 
     inputs = {"input_ids": torch.randint(3, 99, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     inputs["attention_mask"][1, :3] = 0  # left padding exercises the mask path of the copied code
-    child = remote_code_logits(str(model_dir), inputs, str(tmp_path))
     with torch.no_grad():
+        with_kernels = model(**inputs).logits
+        # The child cannot import the package, so it runs pure PyTorch: the same path here must match it bit for bit.
+        monkeypatch.setenv("HF_ATTN_VARIANTS_SB_BACKEND", "torch")
         expected = model(**inputs).logits
+    child = remote_code_logits(str(model_dir), inputs, str(tmp_path))
     assert child["class"] == "AttnVariantLlamaForCausalLM"
     assert torch.equal(child["logits"], expected)
+    torch.testing.assert_close(with_kernels, expected, rtol=1e-5, atol=1e-5)  # the package's C++ CPU kernels
