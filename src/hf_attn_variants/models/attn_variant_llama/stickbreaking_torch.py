@@ -407,9 +407,10 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     return o, rem
 
 
-def _row_grad_totals(do5, drem5, o5, rem5):
-    """sum_j g_ij over all keys of row i: do_i . o_i - drem_i (1 - rem_i) (see `_blockwise_backward`)."""
-    return (do5 * o5).sum(-1) - drem5 * (1.0 - rem5)
+def _row_grad_totals(do5, drem5, o5, rem5, dtype=None):
+    """sum_j g_ij over all keys of row i: do_i . o_i - drem_i (1 - rem_i) (see `_blockwise_backward`), summed in
+    `dtype` (the C++ backward takes float64; no float64 copy of do or o is made)."""
+    return (do5 * o5).sum(-1, dtype=dtype) - drem5.to(dtype or drem5.dtype) * (1.0 - rem5.to(dtype or rem5.dtype))
 
 
 def _row_grad_bounds(do5, drem5, v):
@@ -512,7 +513,7 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
         kernel = _cpu_kernel(q5, "backward") if ctx.cpu_kernel_block_size else None
         if kernel is not None:
             mask = None if grouped_mask is None else grouped_mask.expand(*q5.shape[:-1], k.shape[-2])
-            row_totals = _row_grad_totals(do5.double(), drem5.double(), o5.double(), rem5.double())
+            row_totals = _row_grad_totals(do5, drem5, o5, rem5, torch.float64)
             dq5, dk, dv = kernel(q5, k_c, v_c, do5, drem5, row_totals,
                                  _row_grad_bounds(do5, drem5, v_c), ctx.scale, ctx.attend_current, mask,
                                  ctx.cpu_kernel_block_size)
