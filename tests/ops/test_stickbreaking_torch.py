@@ -629,6 +629,18 @@ KERNEL_CASES = [
 ]
 
 
+def kernel_cases(test):
+    """KERNEL_CASES x attend_current x mask kinds x fp32/fp64."""
+    for mark in reversed((
+        pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES),
+        pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"]),
+        pytest.mark.parametrize("mask_kind", [None, "padding", "random"]),
+        pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
+    )):
+        test = mark(test)
+    return test
+
+
 def require_cpu_kernels():
     from hf_attn_variants.ops.stickbreaking_cpu import ENV_VAR, enabled, forward_kernel
 
@@ -652,10 +664,7 @@ def kernel_case_inputs(B, HQ, H, Q, K, D, Dv, std, mask_kind, dtype):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
-@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
-@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@kernel_cases
 def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
                                                         mask_kind, dtype, monkeypatch):
     """The C++ forward (with gradients on) and decode (Q <= 16, no gradients) against PyTorch and float64."""
@@ -683,10 +692,7 @@ def test_cpu_kernel_forward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, b
         assert torch.equal(rem[..., : max(1, Q // 4)].detach(), torch.ones_like(rem[..., : max(1, Q // 4)]))
 
 
-@pytest.mark.parametrize("B, HQ, H, Q, K, D, Dv, block_size, std", KERNEL_CASES)
-@pytest.mark.parametrize("attend_current", [False, True], ids=["exclusive", "attend_current"])
-@pytest.mark.parametrize("mask_kind", [None, "padding", "random"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@kernel_cases
 def test_cpu_kernel_backward_matches_torch_and_reference(B, HQ, H, Q, K, D, Dv, block_size, std, attend_current,
                                                          mask_kind, dtype, monkeypatch):
     """dq, dk, dv of the C++ backward against the PyTorch backward and autograd on the float64 reference."""

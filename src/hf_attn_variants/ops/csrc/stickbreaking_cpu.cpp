@@ -165,6 +165,42 @@ void rows_block_grads(scalar_t* x, scalar_t* dov, scalar_t* keep, scalar_t* beta
   }
 }
 
+// A bool mask (B, H, G, Q, K) read through its strides (broadcast views welcome), True = may attend; null = none.
+struct MaskView {
+  const bool* ptr = nullptr;
+  int64_t stride[5] = {0, 0, 0, 0, 0};
+};
+
+MaskView mask_view(const c10::optional<torch::Tensor>& mask, int64_t B, int64_t H, int64_t G, int64_t Q, int64_t K,
+                   const char* op) {
+  MaskView view;
+  if (!mask.has_value()) return view;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(0) == B && mask->size(1) == H &&
+              mask->size(2) == G && mask->size(3) == Q && mask->size(4) == K, op,
+              ": mask must be bool, expanded to (B,H,G,Q,K)");
+  view.ptr = mask->data_ptr<bool>();
+  for (int d = 0; d < 5; ++d) view.stride[d] = mask->stride(d);
+  return view;
+}
+
+// Keys the mask hides get -z = +inf (which gives beta = 0) in the scores x (G * m rows, n keys from key j0) of
+// queries i0 .. i0 + m of kv head (b, h); row g * m + a is query i0 + a of query head g.
+template <typename scalar_t>
+void hide_masked_keys(const MaskView& mask, scalar_t* x, int64_t b, int64_t h, int64_t G, int64_t m, int64_t i0,
+                      int64_t j0, int64_t n) {
+  if (mask.ptr == nullptr) return;
+  const int64_t* st = mask.stride;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t a = 0; a < m; ++a) {
+      const bool* row = mask.ptr + b * st[0] + h * st[1] + g * st[2] + (i0 + a) * st[3] + j0 * st[4];
+      scalar_t* xr = x + (g * m + a) * n;
+      for (int64_t c = 0; c < n; ++c) {
+        if (!row[c * st[4]]) xr[c] = std::numeric_limits<scalar_t>::infinity();
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 scalar_t max_of(const scalar_t* x, int64_t n) {
   scalar_t m = -std::numeric_limits<scalar_t>::infinity();
@@ -188,15 +224,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Ten
   const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
   const int64_t K = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(2) == K, "forward: shapes");
-  const bool* mask_ptr = nullptr;
-  std::vector<int64_t> ms(5, 0);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5, "forward: mask must be bool (B,H,G,Q,K)");
-    TORCH_CHECK(mask->size(0) == B && mask->size(1) == H && mask->size(2) == G && mask->size(3) == Q &&
-                mask->size(4) == K, "forward: mask must be expanded to (B,H,G,Q,K)");
-    mask_ptr = mask->data_ptr<bool>();
-    for (int d = 0; d < 5; ++d) ms[d] = mask->stride(d);
-  }
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "forward");
   auto o = at::empty({B, H, G, Q, Dv}, q5.options());
   auto rem = at::empty({B, H, G, Q}, q5.options());
   const int64_t n_query_blocks = (Q + block_size - 1) / block_size;
@@ -225,17 +253,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Ten
           const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
           auto scores = at::mm(neg_q, keys.slice(0, j0, j0 + n).t());  // (rows, n) = -z, contiguous
           scalar_t* x = scores.data_ptr<scalar_t>();
-          if (mask_ptr != nullptr) {  // keys the mask hides: -z = +inf, which gives beta = 0
-            for (int64_t g = 0; g < G; ++g) {
-              for (int64_t a = 0; a < m; ++a) {
-                const bool* row = mask_ptr + b * ms[0] + h * ms[1] + g * ms[2] + (i0 + a) * ms[3] + j0 * ms[4];
-                scalar_t* xr = x + (g * m + a) * n;
-                for (int64_t c = 0; c < n; ++c) {
-                  if (!row[c * ms[4]]) xr[c] = std::numeric_limits<scalar_t>::infinity();
-                }
-              }
-            }
-          }
+          hide_masked_keys<scalar_t>(mask_keys, x, b, h, G, m, i0, j0, n);
           rows_block_weights<scalar_t>(x, stick_ptr, rows, n, m, Q - int64_t(attend_current) - i0 - r0,
                                        max_abs_logit, clamp, keep.data());
           acc.addmm_(scores, values.slice(0, j0, j0 + n));
@@ -312,15 +330,7 @@ std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tens
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
               v.size(2) == K, "decode: shapes");
   TORCH_CHECK(Q <= K, "decode: more queries than keys");
-  const bool* mask_ptr = nullptr;
-  std::vector<int64_t> ms(5, 0);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(0) == B && mask->size(1) == H &&
-                mask->size(2) == G && mask->size(3) == Q && mask->size(4) == K,
-                "decode: mask must be bool, expanded to (B,H,G,Q,K)");
-    mask_ptr = mask->data_ptr<bool>();
-    for (int d = 0; d < 5; ++d) ms[d] = mask->stride(d);
-  }
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "decode");
   auto neg_q = (q5 * (-scale)).contiguous();  // (B, H, G*Q, D): row g * Q + a is query a of query head g
   auto o = at::zeros({B, H, G, Q, Dv}, q5.options());
   auto rem = at::ones({B, H, G, Q}, q5.options());
@@ -345,14 +355,7 @@ std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tens
           const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
           scalar_t* x = scores.data();
           rows_key_scores<scalar_t>(q_rows, keys + j0 * k.stride(2), k.stride(2), rows, n, D, x);
-          if (mask_ptr != nullptr) {  // keys the mask hides: -z = +inf, which gives beta = 0
-            for (int64_t r = 0; r < rows; ++r) {
-              const bool* row = mask_ptr + b * ms[0] + h * ms[1] + (r / Q) * ms[2] + (r % Q) * ms[3] + j0 * ms[4];
-              for (int64_t c = 0; c < n; ++c) {
-                if (!row[c * ms[4]]) x[r * n + c] = std::numeric_limits<scalar_t>::infinity();
-              }
-            }
-          }
+          hide_masked_keys<scalar_t>(mask_keys, x, b, h, G, Q, 0, j0, n);
           rows_block_weights<scalar_t>(x, stick, rows, n, Q, Q - int64_t(attend_current) - r0, max_abs_logit,
                                        /*clamp=*/true, keep.data());
           rows_accumulate_values<scalar_t>(x, values + j0 * v.stride(2), v.stride(2), rows, n, Dv, acc);
@@ -389,14 +392,7 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
   bound5 = bound5.contiguous();
   const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
   const int64_t K = k.size(2), Dv = v.size(3);
-  const bool* mask_ptr = nullptr;
-  std::vector<int64_t> ms(5, 0);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(3) == Q && mask->size(4) == K,
-                "backward: mask must be bool, expanded to (B,H,G,Q,K)");
-    mask_ptr = mask->data_ptr<bool>();
-    for (int d = 0; d < 5; ++d) ms[d] = mask->stride(d);
-  }
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "backward");
   if (B * H * Q * K == 0) return {at::zeros_like(q5), at::zeros_like(k), at::zeros_like(v)};
   const int64_t n_query_blocks = (Q + block_size - 1) / block_size, n_tasks = B * H * n_query_blocks;
   const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
@@ -434,17 +430,7 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
             auto scores = at::mm(neg_q, key_block.t());  // -z
             auto grads = at::mm(do_rows, value_block.t());  // do . v, then dL/dz
             scalar_t* x = scores.data_ptr<scalar_t>();
-            if (mask_ptr != nullptr) {
-              for (int64_t g = 0; g < G; ++g) {
-                for (int64_t a = 0; a < m; ++a) {
-                  const bool* row = mask_ptr + b * ms[0] + h * ms[1] + g * ms[2] + (i0 + a) * ms[3] + j0 * ms[4];
-                  scalar_t* xr = x + (g * m + a) * n;
-                  for (int64_t c = 0; c < n; ++c) {
-                    if (!row[c * ms[4]]) xr[c] = std::numeric_limits<scalar_t>::infinity();
-                  }
-                }
-              }
-            }
+            hide_masked_keys<scalar_t>(mask_keys, x, b, h, G, m, i0, j0, n);
             rows_block_grads<scalar_t>(x, grads.data_ptr<scalar_t>(), keep.data(), beta.data(), stick_ptr,
                                        nearer.data(), drem.data_ptr<scalar_t>(), total.data_ptr<double>(),
                                        g_bound.data_ptr<scalar_t>(), rows, n, m,
