@@ -1,17 +1,18 @@
-"""The C++ CPU forward of the blockwise stick-breaking op (built on first use with torch's extension tools).
+"""The C++ CPU kernels of the blockwise stick-breaking op (built on first use with torch's extension tools).
 
 `csrc/stickbreaking_cpu.cpp` runs `stickbreaking_torch._blockwise_forward`'s algorithm with torch's threads over
 (batch, kv head, query block) and the elementwise work of each block fused into one sweep per row (one exp per score,
 the stick as a running product); its `decode` is the same algorithm for a few queries over a long cache, with
-hand-vectorised scores and accumulation in place of per-block GEMM calls. Same numerics: beta = 1 / (1 + e^{-z}) and 1 - beta = e^{-z} beta never cancel, |z|
-is clamped where the PyTorch path clamps it, masked keys get exactly 0, the same exact early exit; float32 uses
-ATen's exp_u20 (the exp of its flash attention), float64 SLEEF's 1-ulp exp. Its `backward` recomputes the weights the same way, block by block, with
-the PyTorch backward's split of the farther-key sums (in-block sums direct, farther blocks from the row total).
+hand-vectorised scores and accumulation in place of per-block GEMM calls, and its `backward` recomputes the weights
+the same way, block by block, with the PyTorch backward's split of the farther-key sums (in-block sums direct,
+farther blocks from the row total). Same numerics: beta = 1 / (1 + e^{-z}) and 1 - beta = e^{-z} beta never cancel,
+|z| is clamped where the PyTorch path clamps it, masked keys get exactly 0, the same exact early exit; float32 uses
+ATen's exp_u20 (the exp of its flash attention), float64 SLEEF's 1-ulp exp.
 
-The first call compiles the kernel with the machine's C++ compiler (about a minute, once; cached by torch in
+The first call compiles the kernels with the machine's C++ compiler (about a minute, once; cached by torch in
 `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Without a working compiler, or with
-`HF_ATTN_VARIANTS_CPU_KERNEL=0`, `forward_kernel()`, `backward_kernel()` and `decode_kernel()` return None and the model keeps the pure PyTorch path, which
-is also what a checkpoint loaded as remote code without this package runs.
+`HF_ATTN_VARIANTS_CPU_KERNEL=0`, `forward_kernel()`, `backward_kernel()` and `decode_kernel()` return None and the
+model keeps the pure PyTorch path, which is also what a checkpoint loaded as remote code without this package runs.
 """
 
 from __future__ import annotations

@@ -379,8 +379,7 @@ def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size
     kernel = _cpu_kernel(q5, "forward") if cpu_kernel_block_size else None
     if kernel is not None:
         mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
-        o, rem = kernel(q5, k, v, scale, attend_current, mask, cpu_kernel_block_size, max_key_norm)
-        return o, rem
+        return kernel(q5, k, v, scale, attend_current, mask, cpu_kernel_block_size, max_key_norm)
     query_norms = q5.norm(dim=-1)
     half_clamp = 0.5 * _log_negligible(q5.dtype)
     o = q5.new_empty(B, H, G, Q, Dv)
@@ -464,11 +463,9 @@ def _blockwise_backward(do5, drem5, q5, k, v, o5, rem5, scale, attend_current, g
             nearer_grad += g.sum(-1)
             limit = log_stick.exp().mul_(g_bound_block)
             far = torch.minimum(torch.maximum(row_total_block - nearer_grad, -limit), limit)
-            # Columns run nearest first: the farther keys of column c are the columns after it.
-            farther = g.flip(-1).cumsum(-1).flip(-1)
-            farther[..., :-1] = farther[..., 1:].clone()
-            farther[..., -1] = 0
-            farther.add_(far[..., None])
+            # Columns run nearest first: the farther keys of column c are the columns after it (a shifted reverse
+            # cumulative sum, so no column subtracts its own g).
+            farther = F.pad(g.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1)).add_(far[..., None])
             grad_logits = g.mul_(torch.sigmoid(neg_logits)).sub_(neg_logits.neg_().sigmoid_().mul_(farther))
             grad_logits = grad_logits.flatten(2, 3)  # (1 - beta) g - beta (farther), farther as above
             dq_block.flatten(0, 1).baddbmm_(grad_logits.flatten(0, 1), k_block.flatten(0, 1))
@@ -587,7 +584,7 @@ def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask, c
     H, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     dtype = _compute_dtype(q.dtype)
-    kernel = _cpu_kernel(q, "decode") if cpu_kernel and k.dtype == q.dtype and v.dtype == q.dtype else None
+    kernel = _cpu_kernel(q, "decode") if cpu_kernel else None
     if kernel is not None:
         grouped_mask = _grouped_mask(attention_mask, H, G)
         mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
