@@ -20,6 +20,10 @@ Three implementations share that contract:
   reverse cumulative sum becomes a running sum, and the backward recomputes blocks instead of storing weights.
 - `hf_attn_variants.ops.stickbreaking.parallel_stickbreaking_attn` (Triton, separate package, imported lazily).
 
+Continuous batching (`generate_batch`) packs many requests into one row over a paged cache: the `paged_*` functions
+run each request over its own past + new keys (the same contract per request), or one Triton varlen call for a batch
+of fresh prefills on CUDA.
+
 On CPU the blockwise forward, its backward and the decode path run as the package's C++ kernels
 (`hf_attn_variants.ops.stickbreaking_cpu`: the same algorithm and numerics, threads over query blocks, fused
 elementwise work) when the package is installed and the kernels build; `stickbreaking_backend="torch"` (or a
@@ -57,6 +61,8 @@ __all__ = [
     "blockwise_stickbreaking_attn",
     "stickbreaking_attention_forward",
     "eager_stickbreaking_attention_forward",
+    "paged_stickbreaking_attention_forward",
+    "eager_paged_stickbreaking_attention_forward",
     "register_stickbreaking_attention",
     "STICKBREAKING_ATTENTION_NAME",
 ]
@@ -759,9 +765,14 @@ def stickbreaking_attention_forward(module, query, key, value, attention_mask, d
         attn_weights (None): the fast paths never materialise the weights; `eager_stickbreaking_attention_forward`
             (the family's `attn_implementation="eager"`) returns them.
     """
-    attend_current, remainder, scale, backend = _stickbreaking_options(module, query, scaling, dropout)
     mask = _bool_attention_mask(attention_mask)
     key, value, mask = _trim_unfilled_keys(key, value, mask, query.shape[2])
+    return _stickbreaking_attention(module, query, key, value, mask, dropout, scaling)
+
+
+def _stickbreaking_attention(module, query, key, value, mask, dropout, scaling):
+    """`stickbreaking_attention_forward` on keys that are all real (no static-cache tail) and a bool mask or None."""
+    attend_current, remainder, scale, backend = _stickbreaking_options(module, query, scaling, dropout)
     B, H, G, Q, K, D, Dv = _check_attention_inputs(query, key, value, None)
     attention_op = _select_attention_op(backend, query.device)
     o, rem = attention_op(query, key, value, scale=scale, attend_current=attend_current, attention_mask=mask)
@@ -775,15 +786,109 @@ def eager_stickbreaking_attention_forward(
     """`stickbreaking_attention_forward` through the plain reference (`naive_stickbreaking_attn`, O(T^2) memory) that
     also returns the weights A `[B, HQ, Q, K]` (for `output_attentions` and attention maps). The family runs it for
     `attn_implementation="eager"` on a stick-breaking model."""
-    attend_current, remainder, scale, _ = _stickbreaking_options(module, query, scaling, dropout)
     mask = _bool_attention_mask(attention_mask)
     key, value, mask = _trim_unfilled_keys(key, value, mask, query.shape[2])
+    return _eager_stickbreaking_attention(module, query, key, value, mask, dropout, scaling)
+
+
+def _eager_stickbreaking_attention(module, query, key, value, mask, dropout, scaling):
+    """`eager_stickbreaking_attention_forward` on keys that are all real and a bool mask or None."""
+    attend_current, remainder, scale, _ = _stickbreaking_options(module, query, scaling, dropout)
     B, H, G, Q, K, D, Dv = _check_attention_inputs(query, key, value, mask)
     o, rem, weights = naive_stickbreaking_attn(
         query, key, value, scale=scale, attend_current=attend_current, attention_mask=mask, return_weights=True
     )
     o = _add_remainder(module, o, rem, value, remainder, H, G, Q, K, Dv)
     return o.transpose(1, 2).contiguous(), weights.to(query.dtype)
+
+
+def _packed_request_bounds(query, key, cu_seq_lens_q, cu_seq_lens_k):
+    """[(q0, q1, k0, k1)] of each packed request (empty ones, e.g. padding, left out), validated on the host."""
+    if cu_seq_lens_q is None or cu_seq_lens_k is None:
+        raise ValueError(
+            "Paged stick-breaking attention needs `cu_seq_lens_q` and `cu_seq_lens_k` (continuous batching passes "
+            "them)."
+        )
+    if query.shape[0] != 1 or key.shape[0] != 1:
+        raise ValueError(f"Paged attention takes one packed row (batch 1), got query {tuple(query.shape)}.")
+    bounds_q, bounds_k = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    if len(bounds_q) != len(bounds_k) or bounds_q[0] != 0 or bounds_k[0] != 0:
+        raise ValueError(f"`cu_seq_lens_q` {bounds_q} and `cu_seq_lens_k` {bounds_k} must both start at 0 and match.")
+    requests = []
+    for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+        if not (0 <= q1 - q0 <= k1 - k0) or q1 > query.shape[2] or k1 > key.shape[2]:
+            raise ValueError(
+                f"A packed request has queries [{q0}, {q1}) and keys [{k0}, {k1}): its queries must be the last of its "
+                f"keys, within the packed lengths ({query.shape[2]} queries, {key.shape[2]} keys)."
+            )
+        if q1 > q0:
+            requests.append((q0, q1, k0, k1))
+    return requests
+
+
+def _paged_attention(attention, module, query, key, value, dropout, scaling, cu_seq_lens_q, cu_seq_lens_k):
+    """Continuous batching: query `[1, HQ, total_q, D]` packs the new tokens of many requests and key/value
+    `[1, H, total_k, D]` each request's past + new keys (what the paged cache's `update` returns). Each request runs
+    `attention` over its own keys alone, its queries at their end (query i of request r at key position
+    past_r + i), so every request has its own stick and early exit. Rows of no request (padding) are zero.
+    `attention` is `_stickbreaking_attention` or `_eager_stickbreaking_attention`."""
+    requests = _packed_request_bounds(query, key, cu_seq_lens_q, cu_seq_lens_k)
+    output = query.new_zeros(1, query.shape[2], query.shape[1], value.shape[-1])
+    weights = None
+    for q0, q1, k0, k1 in requests:
+        # Not the public forwards: they would read K > Q > 1 without a mask as a prefill into a static cache.
+        o, w = attention(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], None, dropout, scaling)
+        output[:, q0:q1] = o
+        if w is not None:  # the reference's weights, block-diagonal over the packed keys (as paged eager returns)
+            if weights is None:
+                weights = w.new_zeros(1, query.shape[1], query.shape[2], key.shape[2])
+            weights[:, :, q0:q1, k0:k1] = w
+    return output, weights
+
+
+def _packed_prefill_op(query, key, cu_seq_lens_q, cu_seq_lens_k, backend):
+    """The Triton op (CUDA, or `TRITON_INTERPRET=1`) when one varlen call can take the whole batch: every request a
+    prefill without past keys (`cu_seq_lens_q == cu_seq_lens_k`, no padding rows); else None."""
+    if cu_seq_lens_q is None or cu_seq_lens_k is None or query.shape[2] != key.shape[2]:
+        return None
+    if not torch.equal(cu_seq_lens_q, cu_seq_lens_k) or int(cu_seq_lens_q[-1]) != query.shape[2]:
+        return None
+    attention_op = _select_attention_op(backend, query.device)
+    blockwise = attention_op is blockwise_stickbreaking_attn or isinstance(attention_op, functools.partial)
+    return None if blockwise else attention_op  # the blockwise op has no varlen form
+
+
+@torch.compiler.disable  # one host sync per call to split the packed requests
+def paged_stickbreaking_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+    **kwargs,
+):
+    """`stickbreaking_attention_forward` for continuous batching's packed paged K/V (see `_paged_attention`); the
+    attention mask (softmax's block-diagonal one) is not needed: `cu_seq_lens_q/k` say which keys each request sees.
+    On CUDA a batch of prefills without past keys is one call of the Triton varlen kernel."""
+    attend_current, remainder, scale, backend = _stickbreaking_options(module, query, scaling, dropout)
+    varlen_op = _packed_prefill_op(query, key, cu_seq_lens_q, cu_seq_lens_k, backend)
+    if varlen_op is not None:
+        _, H, G, Q, K, _, Dv = _check_attention_inputs(query, key, value, None)
+        o, rem = varlen_op(query, key, value, scale=scale, attend_current=attend_current, cu_seqlens=cu_seq_lens_q)
+        # Q == K: each query's own key is at its own packed index, as `_add_remainder` takes it.
+        o = _add_remainder(module, o, rem, value, remainder, H, G, Q, K, Dv)
+        return o.transpose(1, 2).contiguous(), None
+    return _paged_attention(
+        _stickbreaking_attention, module, query, key, value, dropout, scaling, cu_seq_lens_q, cu_seq_lens_k
+    )
+
+
+@torch.compiler.disable
+def eager_paged_stickbreaking_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+    **kwargs,
+):
+    """`eager_stickbreaking_attention_forward` (the reference, with weights) per packed request: what a stick-breaking
+    model runs under continuous batching's `"paged|eager"`."""
+    return _paged_attention(
+        _eager_stickbreaking_attention, module, query, key, value, dropout, scaling, cu_seq_lens_q, cu_seq_lens_k
+    )
 
 
 def register_stickbreaking_attention():
