@@ -53,8 +53,8 @@ def smollm2_gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
-# Runs in a child process: hide this package, load a saved folder as remote code, write its logits.
-_REMOTE_CODE_CHILD = r"""
+# Starts every remote-code child: this package cannot be imported there.
+_HIDE_PACKAGE = r"""
 import importlib.abc, sys
 
 class _HidePackage(importlib.abc.MetaPathFinder):
@@ -63,6 +63,11 @@ class _HidePackage(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is hidden: this process must run the checkpoint's own remote code")
 
 sys.meta_path.insert(0, _HidePackage())
+"""
+
+# Runs in a child process: load a saved folder as remote code, write its logits.
+_REMOTE_CODE_CHILD = r"""
+import sys
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -80,19 +85,25 @@ def remote_code_logits(model_dir: str, inputs: dict, workdir: str) -> dict:
     """Load `model_dir` with `trust_remote_code=True` in a fresh Python process that cannot import
     `hf_attn_variants`, run it on `inputs` and return {"logits", "class"}. The child is offline (HF_HUB_OFFLINE=1)
     and uses its own modules cache, so it really runs the copied files."""
+    inputs_path, logits_path = os.path.join(workdir, "inputs.pt"), os.path.join(workdir, "logits.pt")
+    torch.save(inputs, inputs_path)
+    run_remote_code_child(_REMOTE_CODE_CHILD, [os.path.abspath(model_dir), inputs_path, logits_path], workdir)
+    return torch.load(logits_path)
+
+
+def run_remote_code_child(code: str, args: list[str], workdir: str) -> None:
+    """Run `code` with `args` as `sys.argv[1:]` in a fresh Python process that cannot import `hf_attn_variants`,
+    offline (HF_HUB_OFFLINE=1) and with its own modules cache, so a checkpoint it loads runs its copied files."""
     import subprocess
     import sys
 
-    inputs_path, logits_path = os.path.join(workdir, "inputs.pt"), os.path.join(workdir, "logits.pt")
-    torch.save(inputs, inputs_path)
     # Same intra-op thread count as this process: CPU GEMMs split their sums by thread, so bit-equal logits need it.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(workdir, "hf_modules"),
                OMP_NUM_THREADS=str(torch.get_num_threads()))
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", _REMOTE_CODE_CHILD, os.path.abspath(model_dir), inputs_path, logits_path],
+        [sys.executable, "-c", _HIDE_PACKAGE + code, *args],
         env=env, cwd=workdir, capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:
         raise RuntimeError(f"remote-code child failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return torch.load(logits_path)

@@ -3,10 +3,13 @@ as remote code and compare it with the reference outputs the development venv sa
 
     python check_checkpoints.py CHECKPOINT_DIR [CHECKPOINT_DIR ...]
 
-Prints one JSON line per checkpoint: {"variant", "transformers", "checks": {name: bool}, "max_logit_diff"}.
+Prints one JSON line per checkpoint: {"variant", "transformers", "checks": {name: bool}, "max_logit_diff"}. For the
+softmax and stick-breaking checkpoints `generate_batch` (continuous batching) must equal `generate`, or refuse clearly
+(stick-breaking on a release whose paged cache it cannot use).
 Exits 1 if any check fails. Uses only torch and transformers.
 """
 
+import importlib.util
 import json
 import sys
 
@@ -14,7 +17,32 @@ sys.modules["hf_attn_variants"] = None  # the package must not be importable: th
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
+
+BATCHED_VARIANTS = ("softmax", "stickbreaking")  # continuous batching (`generate_batch`) is checked on these
+
+
+def continuous_batching_runs_here() -> bool:
+    """transformers before 5.21 (5.4 at least) sizes even a fixed-size CPU paged cache from psutil's memory figures,
+    which this bare venv lacks; stick-breaking's refusal there needs no cache, so it is checked anyway."""
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    return torch.cuda.is_available() or importlib.util.find_spec("psutil") is not None or release >= (5, 21)
+
+
+def generate_batch_equals_generate(model, prompt: list[int], max_new_tokens: int) -> bool:
+    """Continuous batching gives generate()'s greedy tokens, or (stick-breaking on a release whose paged cache it
+    cannot use) refuses once with the release to upgrade to."""
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
+    try:  # a small cache: the default sizes it from the machine's memory
+        cache_config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64)
+        results = model.generate_batch([prompt], generation_config=greedy, continuous_batching_config=cache_config)
+    except ValueError as error:
+        return model.config.attention_variant == "stickbreaking" and "needs transformers >=" in str(error)
+    result = next(iter(results.values()))
+    return result.error is None and result.generated_tokens == expected
 
 
 def check(checkpoint: str) -> dict:
@@ -37,6 +65,11 @@ def check(checkpoint: str) -> dict:
         "beam3_equals_reference": torch.equal(beams, reference["beam3"]),
         "left_padded_batch_equals_reference": torch.equal(padded, reference["left_padded"]),
     }
+    batched = reference["variant"] == "stickbreaking" or continuous_batching_runs_here()
+    if reference["variant"] in BATCHED_VARIANTS and batched:
+        checks["generate_batch_equals_generate"] = generate_batch_equals_generate(
+            model, ids[0, 2:].tolist(), reference["max_new_tokens"]
+        )
     return {
         "variant": reference["variant"],
         "transformers": transformers.__version__,

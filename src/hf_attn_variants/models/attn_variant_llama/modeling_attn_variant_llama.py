@@ -6,15 +6,18 @@ Llama (RMSNorm, MLP, rotary embedding, eager attention) are imported from transf
 This folder is shipped as remote code: it imports only torch, transformers and its flat siblings.
 """
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.modeling_layers import (
     GenericForSequenceClassification,
     GenericForTokenClassification,
@@ -35,10 +38,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .transformers_compat import (  # first: refuses unsupported transformers releases with a clear message
+    PAGED_CACHE_UPDATE_TAKES_KWARGS,
+    PAGED_STICKBREAKING_MIN_VERSION,
     cache_output,
     create_causal_mask,
     output_cache,
     generation_cache,
+    is_paged_cache,
     pop_cache_argument,
     set_generation_cache,
     slice_logits_to_keep,
@@ -53,7 +59,9 @@ from .layer_shortcut import (
 )
 from .stickbreaking_torch import (
     STICKBREAKING_ATTENTION_NAME,
+    eager_paged_stickbreaking_attention_forward,
     eager_stickbreaking_attention_forward,
+    paged_stickbreaking_attention_forward,
     register_stickbreaking_attention,
     stickbreaking_attention_forward,
 )
@@ -64,8 +72,22 @@ register_stickbreaking_attention()
 
 # `attn_implementation` names that select a model-level option rather than a token-attention function.
 SHORTCUT_ATTN_IMPLEMENTATION = "shortcut"
-# How stick-breaking can run: "eager" is the reference that returns the weights, the others the blockwise/Triton op.
-STICKBREAKING_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", STICKBREAKING_ATTENTION_NAME)
+# How stick-breaking can run: "eager" (and continuous batching's "paged|eager", to which it switches "eager") is the
+# reference that returns the weights, the others the blockwise/Triton op.
+STICKBREAKING_REFERENCE_IMPLEMENTATIONS = ("eager", "paged|eager")
+STICKBREAKING_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", STICKBREAKING_ATTENTION_NAME, "paged|eager")
+
+
+def check_stickbreaking_implementation(implementation: str | None) -> None:
+    """Refuse an implementation that cannot run stick-breaking: any other name is a softmax backend (flash, flex, or a
+    host's own, e.g. vLLM's transformers backend writes "vllm" into the config), which would silently compute softmax
+    attention, or none at all where the host keeps the KV cache."""
+    if implementation is not None and implementation not in STICKBREAKING_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`attn_implementation`={implementation!r} cannot run stick-breaking attention "
+            f"(`attention_variant`='stickbreaking'); use one of {list(STICKBREAKING_ATTN_IMPLEMENTATIONS)}, or set "
+            "`config.attention_variant = 'softmax'` first to run softmax attention."
+        )
 
 
 @dataclass
@@ -139,17 +161,27 @@ class AttnVariantLlamaAttention(nn.Module):
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
+        paged_cache = past_key_values if is_paged_cache(past_key_values) else None
+        stickbreaking = self.config.attention_variant == "stickbreaking"
+        if paged_cache is None and stickbreaking and is_paged_cache(kwargs.get("cache")):
+            # Before 5.24 the paged cache comes in the kwargs for the paged attention function to update, and
+            # stick-breaking's paged function is this module's: update it here.
+            paged_cache = kwargs.pop("cache")
+        if paged_cache is not None:
+            # Continuous batching: writes the new keys/values and returns every request's past + new ones, packed (and
+            # sets this layer's `cu_seq_lens_k` in the kwargs), as LlamaAttention does.
+            key_states, value_states = paged_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        elif past_key_values is not None:
             past_length = past_key_values.get_seq_length(self.layer_idx)
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-            if self.config.attention_variant == "stickbreaking" and key_states.shape[2] > past_length + input_shape[1]:
+            if stickbreaking and key_states.shape[2] > past_length + input_shape[1]:
                 # A static cache returns its whole buffer; stick-breaking places the queries at the end of the keys.
                 kv_length = int(past_length) + input_shape[1]
                 key_states, value_states = key_states[:, :, :kv_length], value_states[:, :, :kv_length]
                 if attention_mask is not None:
                     attention_mask = attention_mask[..., :kv_length]
 
-        attn_output, attn_weights = self.attention_function()(
+        attn_output, attn_weights = self.attention_function(paged=paged_cache is not None)(
             self,
             query_states,
             key_states,
@@ -163,14 +195,17 @@ class AttnVariantLlamaAttention(nn.Module):
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
 
-    def attention_function(self) -> Callable:
+    def attention_function(self, paged: bool = False) -> Callable:
         """`config.attention_variant` says what the attention computes, `config._attn_implementation` how: on a
-        stick-breaking model "eager" is the reference that returns the weights, anything else the fast op."""
+        stick-breaking model "eager" (or continuous batching's "paged|eager") is the reference that returns the
+        weights, anything else the fast op; `paged` picks their per-request forms for continuous batching's packed
+        paged keys (softmax's paged functions are the implementation's own)."""
         implementation = self.config._attn_implementation
         if self.config.attention_variant == "stickbreaking":
-            if implementation == "eager":
-                return eager_stickbreaking_attention_forward
-            return stickbreaking_attention_forward
+            check_stickbreaking_implementation(implementation)  # also a name written into the config after loading
+            if implementation in STICKBREAKING_REFERENCE_IMPLEMENTATIONS:
+                return eager_paged_stickbreaking_attention_forward if paged else eager_stickbreaking_attention_forward
+            return paged_stickbreaking_attention_forward if paged else stickbreaking_attention_forward
         if implementation == STICKBREAKING_ATTENTION_NAME:  # the variant was switched back to softmax by hand
             implementation = "sdpa"
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -261,13 +296,8 @@ class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
             requested_attention = None
         # transformers validates the name first (its own error for unknown ones); nothing is changed before that.
         implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
-        stickbreaking = wants_stickbreaking or config.attention_variant == "stickbreaking"
-        if stickbreaking and implementation not in STICKBREAKING_ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"`attn_implementation`={implementation!r} cannot run stick-breaking attention "
-                f"(`attention_variant`='stickbreaking'); use one of {list(STICKBREAKING_ATTN_IMPLEMENTATIONS)}, or set "
-                "`config.attention_variant = 'softmax'` first to run softmax attention."
-            )
+        if wants_stickbreaking or config.attention_variant == "stickbreaking":
+            check_stickbreaking_implementation(implementation)
         if wants_stickbreaking:
             config.attention_variant = "stickbreaking"
         if wants_shortcut and not config.layer_shortcut:
@@ -443,6 +473,48 @@ class AttnVariantLlamaForCausalLM(AttnVariantLlamaPreTrainedModel, GenerationMix
                     config=text_config, max_cache_len=cache.layers[0].max_cache_len, offloading=cache.offloading
                 ),
             )
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, *args, **kwargs):
+        """transformers' continuous batching (what `generate_batch` and `transformers serve --continuous-batching`
+        start): softmax and the `depth` shortcut run as Llama does, stick-breaking per request over the packed paged
+        keys. What cannot run paged is refused here, once, rather than failing every request."""
+        if uses_shortcut_cache(self.config):
+            raise ValueError(
+                "Continuous batching cannot run the `shortcut_mode`='depth_context' layer shortcut (its source layers' "
+                "keys/values have no room in the paged cache); use generate(), or a model with shortcut_mode='depth'."
+            )
+        if self.config.attention_variant != "stickbreaking":
+            return super().init_continuous_batching(generation_config, continuous_batching_config, *args, **kwargs)
+        if not PAGED_CACHE_UPDATE_TAKES_KWARGS:
+            raise ValueError(
+                "Continuous batching of stick-breaking attention needs transformers >= "
+                f"{PAGED_STICKBREAKING_MIN_VERSION} (installed: {transformers.__version__}); upgrade it, or use "
+                "generate()."
+            )
+        # Continuous batching takes only "paged|eager", "sdpa" and flash names, and on CUDA switches "sdpa" to flash if
+        # it can: stick-breaking runs as "sdpa" (the fast op, like "stickbreaking") or "paged|eager" (the reference).
+        if continuous_batching_config is None:  # transformers' deprecated place for it
+            generation_config_or_default = generation_config or self.generation_config
+            continuous_batching_config = getattr(generation_config_or_default, "continuous_batching_config", None)
+        if isinstance(continuous_batching_config, ContinuousBatchingConfig):
+            continuous_batching_config = copy.copy(continuous_batching_config)
+        else:
+            continuous_batching_config = ContinuousBatchingConfig()
+        continuous_batching_config.auto_switch_to_flash = False
+        # The paged stick-breaking function splits the packed requests on the host, which a CUDA graph cannot capture.
+        if continuous_batching_config.use_cuda_graph not in (None, False, (False, False)):
+            raise ValueError(
+                "Continuous batching of stick-breaking attention cannot run in CUDA graphs (it splits the requests on "
+                "the host); leave `use_cuda_graph` unset or False."
+            )
+        continuous_batching_config.use_cuda_graph = False
+        renamed = self.config._attn_implementation == STICKBREAKING_ATTENTION_NAME
+        if renamed:
+            self.set_attn_implementation("sdpa")
+        manager = super().init_continuous_batching(generation_config, continuous_batching_config, *args, **kwargs)
+        if renamed and getattr(manager, "_original_attn_impl", False) is None:
+            manager._original_attn_impl = STICKBREAKING_ATTENTION_NAME  # the manager restores it when it stops
+        return manager
 
     @can_return_tuple
     def forward(

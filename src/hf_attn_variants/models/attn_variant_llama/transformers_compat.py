@@ -6,6 +6,10 @@ One place for every difference, so the model code reads as if there were one tra
   masking utilities). The family's forwards accept both names (`pop_cache_argument`), build masks through
   `create_causal_mask` here, and fill their outputs under the installed release's field name (`CACHE_FIELD`).
 - `slice_logits_to_keep` appeared in 5.21 (`modeling_utils`); older releases get the same function from here.
+- Continuous batching (`generate_batch`) hands the model a `PagedAttentionCache`: from 5.24 as the model's cache, which
+  the attention module updates (as Llama does); before, as an attention kwarg that the paged attention functions update
+  (`pop_cache_argument` leaves it there). Its `update(k, v, layer_idx, kwargs=...)` form dates from 5.21 at the latest
+  (5.4 took read/write indices): stick-breaking runs paged only from there (`PAGED_STICKBREAKING_MIN_VERSION`).
 - 5.3 and older need `cache_position` for masks and lack output capturing: refused at import with a clear message.
 
 This file is shipped as remote code with the model: it imports only torch and transformers.
@@ -48,10 +52,34 @@ _MASK_CACHE_ARGUMENT = (
 )
 
 
+try:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+except ImportError:  # a release without continuous batching
+    PagedAttentionCache = None
+
+# From 5.24 continuous batching's paged cache is the model's cache (the attention module updates it, as Llama does);
+# before, it travels in the attention kwargs and the paged attention functions update it.
+PAGED_CACHE_IS_MODEL_CACHE = CACHE_FIELD == "cache"
+# The paged cache's `update(key, value, layer_idx, kwargs=...)`, which the paged stick-breaking path calls.
+PAGED_CACHE_UPDATE_TAKES_KWARGS = (
+    PagedAttentionCache is not None and "kwargs" in inspect.signature(PagedAttentionCache.update).parameters
+)
+PAGED_STICKBREAKING_MIN_VERSION = "5.21"  # the oldest release checked to have that `update` (5.4.0 has not)
+
+
+def is_paged_cache(cache) -> bool:
+    """Whether `cache` is continuous batching's `PagedAttentionCache` (packed requests, no `get_seq_length`)."""
+    return PagedAttentionCache is not None and isinstance(cache, PagedAttentionCache)
+
+
 def pop_cache_argument(past_key_values, kwargs: dict):
     """The cache passed to a forward under either name (`past_key_values=`, or `cache=` as 5.24's `generate` does);
-    removes `cache` from `kwargs` so it is not handed on twice."""
+    removes `cache` from `kwargs` so it is not handed on twice. Before 5.24 a paged cache stays in `kwargs`: it belongs
+    to the attention functions there (see `PAGED_CACHE_IS_MODEL_CACHE`)."""
     cache = kwargs.pop("cache", None)
+    if is_paged_cache(cache) and not PAGED_CACHE_IS_MODEL_CACHE:
+        kwargs["cache"] = cache
+        return past_key_values
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the cache once, as `past_key_values=` or `cache=`, not both.")
     return cache if cache is not None else past_key_values
@@ -103,9 +131,12 @@ except ImportError:  # transformers < 5.21
 
 __all__ = [
     "CACHE_FIELD",
+    "PAGED_CACHE_UPDATE_TAKES_KWARGS",
+    "PAGED_STICKBREAKING_MIN_VERSION",
     "cache_output",
     "create_causal_mask",
     "generation_cache",
+    "is_paged_cache",
     "output_cache",
     "pop_cache_argument",
     "set_generation_cache",
