@@ -962,7 +962,7 @@ def render_model_card(model, source: str, *, base_model: str | None = None, card
     new = new_parameter_names(parameters)
     settings = {
         k: v for k, v in config.to_dict().items()
-        if k.startswith(("attention_variant", "stickbreaking", "shortcut", "layer_shortcut", "use_rope"))
+        if k.startswith(("attention_variant", "stickbreaking", "shortcut", "layer_shortcut", "use_rope", "rope_max_wavelength"))
         or k in ("attention_qkv_bias", "query_key_norm")
     }
     template = resources.files("hf_attn_variants").joinpath("templates/model_card.md").read_text(encoding="utf-8")
@@ -1454,6 +1454,9 @@ def build_parser() -> argparse.ArgumentParser:
     variant.add_argument("--attention-variant", choices=["softmax", "stickbreaking"], default="softmax")
     variant.add_argument("--use-rope", choices=["auto", "yes", "no"], default="auto",
                          help="auto: RoPE for softmax, none for stick-breaking")
+    variant.add_argument("--rope-max-wavelength", type=float, default=None, metavar="POSITIONS",
+                         help="leave rotary frequencies of a longer wavelength unrotated (p-RoPE), e.g. the source's "
+                              "training window")
     variant.add_argument("--stickbreaking-remainder", choices=["none", "value", "bias"], default="none")
     variant.add_argument("--stickbreaking-attend-current", action="store_true")
     variant.add_argument("--layer-shortcut", action="store_true")
@@ -1487,6 +1490,7 @@ def _variant_options(args) -> dict:
     return dict(
         attention_variant=args.attention_variant,
         use_rope={"auto": None, "yes": True, "no": False}[args.use_rope],
+        rope_max_wavelength=args.rope_max_wavelength,
         stickbreaking_remainder=args.stickbreaking_remainder,
         stickbreaking_attend_current=args.stickbreaking_attend_current,
         layer_shortcut=args.layer_shortcut,

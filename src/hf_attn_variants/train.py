@@ -76,6 +76,7 @@ class TrainConfig:
     # variant changes applied on load (None: keep what the checkpoint's config says)
     attention_variant: str | None = None
     use_rope: bool | None = None
+    rope_max_wavelength: float | None = None
     stickbreaking_remainder: str | None = None
     stickbreaking_attend_current: bool | None = None
     layer_shortcut: bool | None = None
@@ -208,13 +209,13 @@ def _load_causal_lm(path: str, gguf_file: str | None, dtype: torch.dtype, **conf
 
 def variant_fields(model_config) -> dict:
     """The attention-variant fields of a family config (what distinguishes a conversion from its source)."""
-    prefixes = ("attention_variant", "use_rope", "stickbreaking_", "layer_shortcut", "shortcut_", "attention_qkv_bias",
+    prefixes = ("attention_variant", "use_rope", "rope_max_wavelength", "stickbreaking_", "layer_shortcut", "shortcut_", "attention_qkv_bias",
                 "query_key_norm")
     return {k: v for k, v in sorted(model_config.to_dict().items()) if k.startswith(prefixes)}
 
 
 def variant_overrides(config: TrainConfig) -> dict:
-    names = ("attention_variant", "use_rope", "stickbreaking_remainder", "stickbreaking_attend_current",
+    names = ("attention_variant", "use_rope", "rope_max_wavelength", "stickbreaking_remainder", "stickbreaking_attend_current",
              "layer_shortcut", "shortcut_mode")
     return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
 
@@ -689,7 +690,7 @@ def adapter_card(metrics: dict, variant: dict) -> str:
     fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
     teacher, final = metrics.get("teacher_eval_perplexity"), metrics.get("final_eval_perplexity")
     ratio = f" ({final / teacher:.2f}x the teacher's)" if teacher and final else ""
-    changed = {k: v for k, v in variant.items() if k in ("attention_variant", "use_rope", "stickbreaking_remainder",
+    changed = {k: v for k, v in variant.items() if k in ("attention_variant", "use_rope", "rope_max_wavelength", "stickbreaking_remainder",
                                                           "stickbreaking_attend_current", "layer_shortcut", "shortcut_mode")}
     config = metrics["config"]
     lines = [
@@ -819,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("variant changes on load (default: keep the checkpoint's)")
     g.add_argument("--attention-variant", choices=["softmax", "stickbreaking"], default=None)
     g.add_argument("--use-rope", type=_bool, default=None, metavar="yes|no")
+    g.add_argument("--rope-max-wavelength", type=float, default=None, metavar="POSITIONS",
+                   help="leave rotary frequencies of a longer wavelength unrotated (p-RoPE), e.g. the source's window")
     g.add_argument("--stickbreaking-remainder", choices=["none", "value", "bias"], default=None)
     g.add_argument("--stickbreaking-attend-current", type=_bool, default=None, metavar="yes|no")
     g.add_argument("--layer-shortcut", type=_bool, default=None, metavar="yes|no")

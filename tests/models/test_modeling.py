@@ -57,6 +57,8 @@ def test_config_accepts_every_llama_field():
         (dict(num_hidden_layers=-1), r"`num_hidden_layers` must be a positive integer, got -1"),
         (dict(attention_variant="linear"), r"`attention_variant`='linear' is not supported"),
         (dict(stickbreaking_remainder="rest"), r"`stickbreaking_remainder`='rest' is not supported.*'value'"),
+        (dict(rope_max_wavelength=0), r"`rope_max_wavelength` must be a positive number or None, got 0"),
+        (dict(rope_max_wavelength="8192"), r"`rope_max_wavelength` must be a positive number or None, got '8192'"),
     ],
 )
 def test_config_rejects_contradictions(overrides, message):
@@ -175,3 +177,34 @@ def test_from_pretrained_dtype_and_state_dict_round_trip(tmp_path):
             assert torch.equal(reloaded.get_parameter(name), param.to(torch.bfloat16)), name
         # Weights are identical; the logits differ only by bf16 rounding of the activations.
         torch.testing.assert_close(reloaded(ids).logits.float(), expected, rtol=0.05, atol=0.02)
+
+
+def test_rope_max_wavelength_leaves_long_wavelengths_unrotated(tmp_path):
+    """p-RoPE: frequencies with a wavelength above the limit get cos 1 / sin 0; the others are Llama's exactly."""
+    head_dim = tiny_config_kwargs()["hidden_size"] // tiny_config_kwargs()["num_attention_heads"]
+    llama, family = build_pair(rope_theta=10000.0)
+    wavelengths = 2 * torch.pi / family.model.rotary_emb.inv_freq
+    limit = float(wavelengths.sort().values[head_dim // 4])  # keeps the shortest quarter + 1 of the wavelengths
+    limited = AttnVariantLlamaForCausalLM(
+        AttnVariantLlamaConfig(**tiny_config_kwargs(rope_theta=10000.0), rope_max_wavelength=limit)
+    ).eval()
+    limited.load_state_dict(family.state_dict())
+    x, positions = torch.zeros(1), torch.arange(50)[None]
+    cos, sin = limited.model.rotary_emb(x, positions)
+    ref_cos, ref_sin = llama.model.rotary_emb(x, positions)
+    rotated = (wavelengths <= limit).repeat(2)
+    assert 0 < int(rotated.sum()) < head_dim
+    torch.testing.assert_close(cos[..., rotated], ref_cos[..., rotated], rtol=0, atol=0)
+    torch.testing.assert_close(sin[..., rotated], ref_sin[..., rotated], rtol=0, atol=0)
+    assert bool((cos[..., ~rotated] == 1).all()) and bool((sin[..., ~rotated] == 0).all())
+    ids = random_ids(length=40)
+    # unrotated dimensions are position-free: the logits differ from plain RoPE, and a limit above every
+    # wavelength is plain RoPE exactly
+    assert not torch.allclose(limited(ids).logits, family(ids).logits)
+    limited.config.rope_max_wavelength = float(wavelengths.max()) * 2
+    torch.testing.assert_close(limited(ids).logits, llama(ids).logits, rtol=0, atol=0)
+    limited.config.rope_max_wavelength = limit
+    limited.save_pretrained(tmp_path)
+    reloaded = AttnVariantLlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.rope_max_wavelength == limit
+    torch.testing.assert_close(reloaded(ids).logits, limited(ids).logits, rtol=0, atol=0)

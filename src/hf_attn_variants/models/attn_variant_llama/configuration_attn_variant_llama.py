@@ -30,6 +30,11 @@ class AttnVariantLlamaConfig(LlamaConfig):
         use_rope (`bool`, *optional*):
             Apply rotary position embeddings to queries and keys. `None` means: yes for softmax, no for stick-breaking
             (the paper's models use no positional encoding; the stick-breaking order encodes position).
+        rope_max_wavelength (`float`, *optional*):
+            Rotary frequencies whose wavelength (2π / frequency, in positions) exceeds this are not rotated: those
+            dimensions carry content only (p-RoPE, Barbero et al., arXiv 2410.06205). Set to a source checkpoint's
+            training window, no query-key distance rotates a dimension past angles it trained on, so distances
+            beyond the window stay in distribution. `None` rotates every frequency (plain RoPE).
         stickbreaking_attend_current (`bool`, *optional*, defaults to `False`):
             Whether token i may attend to itself (j <= i) or only to earlier tokens (j < i, the official default).
         stickbreaking_remainder (`str`, *optional*, defaults to `"none"`):
@@ -74,6 +79,7 @@ class AttnVariantLlamaConfig(LlamaConfig):
 
     attention_variant: str = "softmax"
     use_rope: bool | None = None
+    rope_max_wavelength: float | None = None
     stickbreaking_attend_current: bool = False
     stickbreaking_remainder: str = "none"
     stickbreaking_scale: float | None = None
@@ -113,6 +119,11 @@ class AttnVariantLlamaConfig(LlamaConfig):
         scale = self.stickbreaking_scale
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise ValueError(f"`stickbreaking_scale` must be a positive number or None, got {self.stickbreaking_scale!r}.")
+        wavelength = self.rope_max_wavelength
+        if wavelength is not None and (
+            isinstance(wavelength, bool) or not isinstance(wavelength, (int, float)) or not wavelength > 0
+        ):
+            raise ValueError(f"`rope_max_wavelength` must be a positive number or None, got {wavelength!r}.")
         if self.shortcut_num_heads is not None and self.hidden_size % self.shortcut_num_heads != 0:
             raise ValueError(
                 f"`shortcut_num_heads`={self.shortcut_num_heads} must divide `hidden_size`={self.hidden_size}."

@@ -211,6 +211,22 @@ class AttnVariantLlamaAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
+class AttnVariantLlamaRotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's rotary embedding; with `config.rope_max_wavelength`, frequencies of a longer wavelength are left
+    unrotated (cos 1, sin 0: p-RoPE). Applied to the output, so every RoPE type and `inv_freq` update keeps it."""
+
+    def forward(self, x, position_ids):
+        cos, sin = super().forward(x, position_ids)
+        max_wavelength = getattr(self.config, "rope_max_wavelength", None)
+        if max_wavelength is None:
+            return cos, sin
+        frequencies = self.inv_freq.to(device=cos.device, dtype=torch.float32)
+        unrotated = (2 * torch.pi / frequencies > max_wavelength).repeat(cos.shape[-1] // frequencies.shape[-1])
+        # cos carries rope's attention scaling (1 for plain RoPE): an unrotated dimension keeps that scale.
+        cos = torch.where(unrotated, torch.full_like(cos, self.attention_scaling), cos)
+        return cos, sin.masked_fill(unrotated, 0.0)
+
+
 class AttnVariantLlamaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: AttnVariantLlamaConfig, layer_idx: int):
         super().__init__()
@@ -352,7 +368,7 @@ class AttnVariantLlamaModel(AttnVariantLlamaPreTrainedModel):
         self.shortcut = AttnVariantLlamaLayerShortcut(config) if config.layer_shortcut else None
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # Kept even without RoPE: no parameters, and `set_attn_implementation` may switch back to a softmax backend.
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = AttnVariantLlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
