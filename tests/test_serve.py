@@ -130,14 +130,6 @@ def server(request, checkpoint, tmp_path_factory):
             process.wait()
 
 
-@pytest.fixture(autouse=True)
-def paged_stickbreaking_pending(request):
-    """Continuous batching runs stick-breaking through the family's paged attention, which is being written."""
-    params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("checkpoint") == "stickbreaking" and params.params.get("server"):
-        request.applymarker(pytest.mark.xfail(strict=False, reason="paged stick-breaking attention is not there yet"))
-
-
 @pytest.fixture
 def client(server):
     import openai
