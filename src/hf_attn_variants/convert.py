@@ -30,12 +30,7 @@ import json
 import math
 import os
 import re
-import shutil
-import signal
 import sys
-import tempfile
-import threading
-import traceback
 import warnings
 from collections import Counter
 from importlib import resources
@@ -44,6 +39,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import cli_common as _common
 from .models import AttnVariantLlamaConfig, AttnVariantLlamaForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -165,11 +161,11 @@ good-humoured as Lydia. But you are always giving _her_ the preference."
 """
 
 
-class ConversionError(ValueError):
+class ConversionError(_common.CommandError):
     """A refusal or failure explained in one line (the CLI prints it and exits with status 2)."""
 
 
-class OutputExistsError(ConversionError, FileExistsError):
+class OutputExistsError(ConversionError, _common.OutputExistsError):
     """The output folder exists and `overwrite` was not given."""
 
 
@@ -181,15 +177,8 @@ class PushError(ConversionError):
     """Uploading the finished folder to the Hub failed; the local folder is complete."""
 
 
-class ConversionInterrupted(BaseException):
+class ConversionInterrupted(_common.Interrupted):
     """SIGTERM/SIGHUP arrived while the output was being written (raised like KeyboardInterrupt)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-    def __str__(self):
-        return f"interrupted by {signal.Signals(self.signum).name}"
 
 
 class ConversionWarning(UserWarning):
@@ -1057,62 +1046,19 @@ def _function_note(config) -> str:
 def check_output_path(output_dir, overwrite: bool = False, protect=()) -> str:
     """The absolute output path; refuses an empty path, the current folder, the source and their ancestors, and an
     existing folder unless `overwrite` (checked before anything slow happens)."""
-    if output_dir is None or not str(os.fspath(output_dir)).strip():
-        raise ConversionError("the output path is empty; name a new folder")
-    output = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
-    real = os.path.realpath(output)
-    guarded = [("the current folder", os.getcwd()), ("the home folder", os.path.expanduser("~")),
-               ("the filesystem root", os.path.abspath(os.sep))]
-    guarded += [(f"the source {os.path.basename(os.path.normpath(p)) or p}", p) for p in protect if p]
-    for what, path in guarded:
-        path = os.path.realpath(path)
-        if real == path or path.startswith(real.rstrip(os.sep) + os.sep):
-            relation = "" if real == path else "an ancestor of "
-            raise ConversionError(
-                f"refusing to write to {os.fspath(output_dir)!r}: it is {relation}{what}"
-                + (", which --overwrite would delete" if overwrite else "") + "; name a new folder"
-            )
-    if os.path.lexists(output):
-        if not overwrite:
-            raise OutputExistsError(
-                f"{os.fspath(output_dir)!r} already exists; pass --overwrite (overwrite=True) to replace it"
-            )
-        if os.path.islink(output) or not os.path.isdir(output):
-            raise ConversionError(f"{os.fspath(output_dir)!r} exists and is not a folder; refusing to replace it")
-    return output
+    return _common.check_output_path(output_dir, overwrite, protect, error=ConversionError,
+                                     exists_error=OutputExistsError)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+_umask = _common.umask
+_normal_permissions = _common.normal_permissions
 
 
-@contextlib.contextmanager
 def _signals_raise():
     """While active (main thread only), SIGTERM/SIGHUP raise ConversionInterrupted so cleanup code runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-
-    def handler(signum, frame):
-        for sig in previous:  # a second signal must not interrupt the cleanup
-            signal.signal(sig, signal.SIG_IGN)
-        raise ConversionInterrupted(signum)
-
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+    return _common.signals_raise(ConversionInterrupted)
 
 
-@contextlib.contextmanager
 def staging_folder(output_dir: str, overwrite: bool = False):
     """Yield a hidden `.partial-*` sibling of `output_dir`; rename it to `output_dir` when the block succeeds.
 
@@ -1120,48 +1066,12 @@ def staging_folder(output_dir: str, overwrite: bool = False):
     new ones (tempfile makes the folder 0700; safetensors writes its files 0600). An existing output (with
     `overwrite`) is replaced only once the new one is done.
     """
-    output = os.path.abspath(output_dir)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    with _signals_raise():
-        staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-        try:
-            os.chmod(staging, 0o777 & ~_umask())
-            yield staging
-            _normal_permissions(staging)
-            _publish(staging, output, overwrite)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-def _normal_permissions(folder: str):
-    """Give everything in `folder` the mode new files and folders get from the umask (writers using mkstemp: 0600)."""
-    mask = _umask()
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
+    return _common.staging_folder(output_dir, overwrite, exists_error=OutputExistsError,
+                                  interrupted=ConversionInterrupted)
 
 
 def _publish(staging: str, output: str, overwrite: bool):
-    if not os.path.lexists(output):
-        os.rename(staging, output)
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{output!r} appeared while converting; pass overwrite=True to replace it")
-    old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(output))
-    os.rmdir(old)
-    os.rename(output, old)
-    try:
-        os.rename(staging, output)
-    except BaseException:
-        os.rename(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    _common.publish(staging, output, overwrite, exists_error=OutputExistsError)
 
 
 def save_atomically(model, output_dir: str, tokenizer=None, model_card: str | None = None, overwrite: bool = False,
@@ -1401,9 +1311,7 @@ def _natural_key(name: str):
     return dot_natural_key(name)
 
 
-def _first_line(error) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+_first_line = _common.first_line
 
 
 def _names(names, limit: int = 4) -> str:
@@ -1433,9 +1341,7 @@ def _human_bytes(n: int) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+_OneLineParser = _common.OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1510,40 +1416,29 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error already printed in one line
         return exit_request.code if isinstance(exit_request.code, int) else 2
-    try:
-        verify_text = verify_label = None
-        if args.verify_text is not None:
-            try:
-                with open(args.verify_text, encoding="utf-8") as f:
-                    verify_text = f.read()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ConversionError(
-                    f"--verify-text {args.verify_text!r} is unreadable: {_first_line(error)}"
-                ) from error
-            verify_label = os.path.basename(args.verify_text)
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", ConversionWarning)
-            warnings.showwarning = _cli_showwarning
-            result = convert_checkpoint(
-                args.source, args.output_dir, gguf_file=args.gguf_file, dtype=args.dtype, overwrite=args.overwrite,
-                max_shard_size=args.max_shard_size, verify=args.verify or args.verify_text is not None,
-                verify_text=verify_text, verify_text_label=verify_label, verify_tokens=args.verify_tokens,
-                dry_run=args.dry_run, push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model,
-                seed=args.seed, keep_model=False, progress=not args.no_progress, **_variant_options(args),
-            )
-    except ConversionInterrupted as interrupted:
-        print(f"error: {interrupted}; removed the partial output, nothing was written", file=sys.stderr)
-        return 128 + interrupted.signum
-    except KeyboardInterrupt:
-        print("error: interrupted; removed the partial output, nothing was written", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if args.debug:
-            traceback.print_exc()
-        known = isinstance(error, (ConversionError, FileExistsError))
-        text = _first_line(error) if known else f"{type(error).__name__}: {_first_line(error)}"
-        print(f"error: {text}" + ("" if args.debug else " (--debug shows the traceback)"), file=sys.stderr)
-        return 2
+    return _common.run_command(lambda: _run(args), debug=args.debug, quiet_ranks=False,
+                               interrupted_suffix="; removed the partial output, nothing was written")
+
+
+def _run(args) -> int:
+    verify_text = verify_label = None
+    if args.verify_text is not None:
+        try:
+            with open(args.verify_text, encoding="utf-8") as f:
+                verify_text = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConversionError(f"--verify-text {args.verify_text!r} is unreadable: {_first_line(error)}") from error
+        verify_label = os.path.basename(args.verify_text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConversionWarning)
+        warnings.showwarning = _cli_showwarning
+        result = convert_checkpoint(
+            args.source, args.output_dir, gguf_file=args.gguf_file, dtype=args.dtype, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, verify=args.verify or args.verify_text is not None,
+            verify_text=verify_text, verify_text_label=verify_label, verify_tokens=args.verify_tokens,
+            dry_run=args.dry_run, push_to_hub=args.push_to_hub, private=args.private, base_model=args.base_model,
+            seed=args.seed, keep_model=False, progress=not args.no_progress, **_variant_options(args),
+        )
     plan = result.plan
     if result.dry_run:
         print("dry run: nothing written")
