@@ -2,6 +2,8 @@
 
 Importing the package registers the `attn_variant_llama` family with `AutoConfig`, `AutoModel`,
 `AutoModelForCausalLM`, `AutoModelForSequenceClassification` and `AutoModelForTokenClassification`, and the `"stickbreaking"` attention implementation with transformers' `AttentionInterface`.
+`load_adapter(adapter_dir, base=None)` applies an adapter made by `hf-attn-variants train` to its base, building the
+base from the source the adapter records when it is not at hand.
 """
 
 from .models import (
@@ -13,6 +15,8 @@ from .models import (
     AttnVariantLlamaPreTrainedModel,
 )
 from . import lora  # noqa: F401,E402  registers the family's default LoRA targets with peft
+from . import quiet  # noqa: F401,E402  no "model of type `llama` ... not supported" warning for supported sources
+from .lora import load_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,4 +28,5 @@ __all__ = [
     "AttnVariantLlamaModel",
     "AttnVariantLlamaPreTrainedModel",
     "__version__",
+    "load_adapter",
 ]
