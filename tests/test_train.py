@@ -168,7 +168,10 @@ def test_console_script_is_declared():
     import tomllib
 
     scripts = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["scripts"]
-    assert scripts["hf-attn-variants-train"] == "hf_attn_variants.train:main"
+    assert scripts["hf-attn-variants"] == "hf_attn_variants.cli:main"
+    assert scripts["hf-attn-variants-convert"] == "hf_attn_variants.convert:main"
+    # The alias exits 0 after a successful run: cli_main returns the status (main returns the metrics dict).
+    assert scripts["hf-attn-variants-train"] == "hf_attn_variants.train:cli_main"
 
 
 def _launch(launcher_args, out, model, port, batch_size):

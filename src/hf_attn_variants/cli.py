@@ -25,11 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[debug], add_help=False, allow_abbrev=False,
         help="OpenAI-compatible server (transformers serve) for MODEL, a folder or Hub id; flags: serve --help",
     )
+    # convert and train read their own flags, --debug included (shared layer: hf_attn_variants.cli_common).
     commands.add_parser("convert", add_help=False, help="convert a Llama/Qwen2/Qwen3 checkpoint; flags: convert --help")
-    commands.add_parser(
-        "train", parents=[debug], add_help=False, allow_abbrev=False,
-        help="fine-tune or uptrain a model; flags: train --help",
-    )
+    commands.add_parser("train", add_help=False, help="fine-tune or uptrain a model (resumable); flags: train --help")
     return parser
 
 
@@ -39,12 +37,11 @@ def main(argv=None) -> int:
         from . import convert
 
         return convert.main(rest)
-    try:
-        if args.command == "train":
-            from . import train
+    if args.command == "train":  # likewise
+        from .train import cli_main
 
-            train.main(rest)  # returns the metrics dict; done is 0 here
-            return 0
+        return cli_main(rest)
+    try:
         from . import serve
 
         return serve.main(rest)

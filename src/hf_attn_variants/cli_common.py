@@ -211,3 +211,54 @@ def staging_folder(output_dir: str, overwrite: bool = False, exists_error=Output
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+class SignalCatcher:
+    """Ctrl-C, SIGTERM and SIGHUP for a command that can stop gracefully at safe points (training: save a checkpoint
+    first). Outside `deferred()` they interrupt at once (KeyboardInterrupt for Ctrl-C, `Interrupted` for the others);
+    inside, the first one is only recorded (`received`) for the command to act on at its next safe point. Signals
+    in the next `grace` seconds are the same request arriving twice (a launcher forwarding the terminal's Ctrl-C);
+    a later one interrupts at once. Main thread only; a handler someone else installed is left alone."""
+
+    def __init__(self, names=("SIGINT", "SIGTERM", "SIGHUP"), grace: float = 3.0):
+        self.names, self.grace = names, grace
+        self.received: int | None = None
+        self._at = 0.0
+        self._deferring = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        import time
+
+        if self._deferring:
+            if self.received is None:
+                self.received, self._at = signum, time.monotonic()
+                return
+            if time.monotonic() - self._at < self.grace:
+                return
+        self._deferring = False
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.names:
+                sig = getattr(signal, name, None)
+                if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
+                    self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._previous = {}
+        return False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
