@@ -308,3 +308,41 @@ def test_paged_stickbreaking_refuses_inconsistent_packing(cu_q, cu_k, message):
             _module("torch", False, "none"), query, key, value, None, cu_seq_lens_q=to_tensor(cu_q),
             cu_seq_lens_k=to_tensor(cu_k),
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Softmax on CPU: SDPA per packed request instead of all packed keys under a block-diagonal mask
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_paged_softmax_per_request_equals_sdpa_over_the_block_diagonal_mask():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hf_attn_variants.models.attn_variant_llama.modeling_attn_variant_llama import paged_sdpa_per_request_forward
+
+    query, key, value, cu_q, cu_k = _packed(MIXED_REQUESTS, 3, torch.float64)
+    mask = torch.zeros(1, 1, query.shape[2], key.shape[2], dtype=torch.bool)  # what continuous batching builds
+    rows = []
+    for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
+        for i in range(q1 - q0):  # query i of a request sits at key position (k1 - k0) - (q1 - q0) + i, sees it too
+            mask[0, 0, q0 + i, k0 : k1 - (q1 - q0) + i + 1] = True
+        rows += range(q0, q1)
+    module = SimpleNamespace(num_key_value_groups=query.shape[1] // key.shape[1], is_causal=True)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.7)
+    output, weights = paged_sdpa_per_request_forward(
+        module, query, key, value, mask, scaling=0.7, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k
+    )
+    assert weights is None and output.shape == expected.shape
+    torch.testing.assert_close(output[:, rows], expected[:, rows], rtol=1e-12, atol=1e-12)
+    assert output[:, len(rows) :].eq(0).all()  # padding rows
+
+
+def test_softmax_continuous_batching_runs_sdpa_per_request_on_cpu():
+    from hf_attn_variants.models.attn_variant_llama.modeling_attn_variant_llama import paged_sdpa_per_request_forward
+
+    model = _model(CB_VARIANTS["softmax"])
+    attention = model.model.layers[0].self_attn
+    assert attention.attention_function(paged=True) is paged_sdpa_per_request_forward
+    assert attention.attention_function(paged=False) is not paged_sdpa_per_request_forward
+    model.set_attn_implementation("eager")  # continuous batching's "paged|eager": transformers' own
+    assert attention.attention_function(paged=True) is not paged_sdpa_per_request_forward
