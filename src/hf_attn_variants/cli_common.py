@@ -69,10 +69,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_command(body, *, debug: bool = False, known=(CommandError, FileExistsError), interrupted_suffix: str = "",
-                quiet_ranks: bool = True) -> int:
+                quiet_ranks: bool = True, hint_known: bool = True) -> int:
     """Run `body()` (returns an exit status or None for 0) as a command: exceptions become one line and a status.
 
-    `known` errors print their message alone; others print their type too, and a hint at `--debug`."""
+    `known` errors print their message alone (with the `--debug` hint unless not `hint_known`); others print their
+    type too, and the hint."""
     speak = is_main_process() or not quiet_ranks
     try:
         status = body()
@@ -89,8 +90,10 @@ def run_command(body, *, debug: bool = False, known=(CommandError, FileExistsErr
         if debug:
             traceback.print_exc()
         if speak:
-            text = first_line(error) if isinstance(error, known) else f"{type(error).__name__}: {first_line(error)}"
-            print(f"error: {text}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+            is_known = isinstance(error, known)
+            text = first_line(error) if is_known else f"{type(error).__name__}: {first_line(error)}"
+            hint = "" if debug or (is_known and not hint_known) else " (--debug shows the traceback)"
+            print(f"error: {text}{hint}", file=sys.stderr)
         return 2
 
 

@@ -140,7 +140,7 @@ def cli_main(argv=None) -> int:
     except SystemExit as exit_request:  # --help, or a usage error already printed in one line
         return exit_request.code if isinstance(exit_request.code, int) else 2
     config = config_from_args(args, argv)
-    return run_command(lambda: (train(config), 0)[1], debug=args.debug)
+    return run_command(lambda: (train(config), 0)[1], debug=args.debug, hint_known=False)
 
 
 if __name__ == "__main__":
