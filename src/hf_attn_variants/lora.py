@@ -87,9 +87,16 @@ def describe_source(model: str, gguf_file=None) -> dict:
     return {"source": model, "gguf_file": gguf_file}
 
 
-def build_command(source: dict, variant: dict, name: str) -> str:
-    """The `hf-attn-variants convert` command that writes the base to the folder `name`."""
+def build_command(source: dict, variant: dict, name: str) -> str | None:
+    """The `hf-attn-variants convert` command that writes the base to the folder `name` (None for a source the
+    converter does not take, e.g. a family folder: `load_adapter` still rebuilds that base on load)."""
     import shlex
+
+    config_path = os.path.join(source["source"], "config.json")
+    if not source.get("gguf_file") and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            if json.load(f).get("model_type") == "attn_variant_llama":
+                return None
 
     if source["source"] == SMOLLM2_WHEEL:
         where = "\"$(python -c 'import hf_attn_variants.testing as t; print(t.smollm2_gguf_path())')\""
@@ -105,7 +112,8 @@ def build_command(source: dict, variant: dict, name: str) -> str:
             flags += [f"--{key.replace('_', '-')}"] if value else []
         elif isinstance(value, list):
             flags.append(f"--{key.replace('_', '-')} " + " ".join(str(v) for v in value))
-        elif value is not None and not (key == "shortcut_mode" and not variant.get("layer_shortcut")):
+        elif value is not None and not (key == "shortcut_mode" and not variant.get("layer_shortcut")) and not (
+                key == "stickbreaking_remainder" and value == "none"):
             flags.append(f"--{key.replace('_', '-')} {value}")
     return " ".join(["hf-attn-variants convert", where, shlex.quote(name), *flags])
 

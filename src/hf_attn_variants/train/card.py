@@ -56,7 +56,7 @@ def adapter_card(metrics: dict, variant: dict, source: dict | None = None) -> st
         "```",
         "",
     ]
-    if source is not None:
+    if source is not None and source.get("build"):
         lines += [
             f"The base is a conversion of {source['source']}"
             + (f" (`{source['gguf_file']}`)" if source.get("gguf_file") else "")
