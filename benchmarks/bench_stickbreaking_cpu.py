@@ -1,12 +1,14 @@
 """CPU benchmark: blockwise stick-breaking attention against causal SDPA (B1 H8 D64 fp32 by default).
 
 Speed: median wall time of forward (no grad) and forward+backward, each case timed alternately with SDPA in the same
-process so machine load hits both alike; the table shows the ratio of medians (ours / SDPA).
+process so machine load hits both alike; the table shows the ratio of medians (ours / SDPA). `--threads 1 2 8` runs
+every case at each of those torch thread counts (a row each).
 
 Peak memory: torch has no CPU allocator statistics, so every (implementation, mode) case runs in a fresh subprocess:
 it makes one tiny warm-up call, allocates q, k, v (and the cotangent), resets the peak-RSS counter (`5` into
 /proc/self/clear_refs), runs the call once, and reports VmHWM (peak RSS) minus the RSS just before the call. That is
 the extra memory the call needed, outputs and gradients included, as the OS saw it (allocator caching included).
+Each subprocess runs at the row's thread count.
 
 Inputs: "random" is randn q, k, v (logits ~ N(0, 1): the stick runs out after ~100 keys and the op stops early);
 "long_stick" has logits ~ -8 (beta ~ 3e-4), so every key block is visited (the worst case for the op).
@@ -16,11 +18,12 @@ pure PyTorch.
 Decode (`--decode K ...`): one new query over a cache of K keys in SmolLM2's layout (9 query heads over 3 kv heads,
 D 64), no gradient, the op's decode path (the C++ `decode`, and pure PyTorch) against SDPA over the whole cache.
 
-    python benchmarks/bench_stickbreaking_cpu.py --T 512 2048 8192 --repeats 5 [--decode 1024 4096 16384]
+    python benchmarks/bench_stickbreaking_cpu.py --T 512 2048 8192 --repeats 5 [--threads 1 2 8] [--decode 1024 4096]
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -149,14 +152,16 @@ def peak_memory_mib(implementation, T, inputs, mode, threads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192], help="sequence lengths")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions per case (median reported); 0 skips timing (memory only)")
     parser.add_argument("--inputs", nargs="+", default=["random", "long_stick"], choices=["random", "long_stick"])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="torch intra-op thread counts (a row each)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--decode", type=int, nargs="*", default=[], help="also time decode over these cache lengths")
     parser.add_argument("--measure-peak", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
 
     if args.measure_peak:
         print(measure_peak_here(*json.loads(args.measure_peak)))
@@ -164,25 +169,31 @@ def main():
 
     print(f"# stick-breaking (blockwise; C++ CPU kernels: {_cpu_kernel_state()}) vs SDPA(is_causal=True), CPU, "
           f"B{B} H{H} D{D} fp32")
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), "
           f"median of {args.repeats}; ratio = stick-breaking / SDPA\n")
-    print("| T | inputs | fwd ms (SDPA ms) | fwd ratio | fwd+bwd ms (SDPA ms) | fwd+bwd ratio "
+    print("| T | inputs | threads | fwd ms (SDPA ms) | fwd ratio | fwd+bwd ms (SDPA ms) | fwd+bwd ratio "
           "| peak MiB fwd (SDPA) | fwd mem ratio | peak MiB fwd+bwd (SDPA) | fwd+bwd mem ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for T in args.T:
         for inputs in args.inputs:
-            cells = [str(T), inputs]
-            for mode in ("fwd", "fwd+bwd"):
-                ours, sdpa = time_ratio(T, inputs, mode, args.repeats)
-                cells += [f"{ours * 1e3:.1f} ({sdpa * 1e3:.1f})", f"{ours / sdpa:.2f}"]
-            for mode in ("fwd", "fwd+bwd"):
-                if args.no_memory:
-                    cells += ["-", "-"]
-                    continue
-                ours = peak_memory_mib("stickbreaking", T, inputs, mode, args.threads)
-                sdpa = peak_memory_mib("sdpa", T, inputs, mode, args.threads)
-                cells += [f"{ours:.1f} ({sdpa:.1f})", f"{ours / sdpa:.2f}" if sdpa > 0 else "-"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                cells = [str(T), inputs, str(threads)]
+                for mode in ("fwd", "fwd+bwd"):
+                    if args.repeats == 0:
+                        cells += ["-", "-"]
+                        continue
+                    ours, sdpa = time_ratio(T, inputs, mode, args.repeats)
+                    cells += [f"{ours * 1e3:.1f} ({sdpa * 1e3:.1f})", f"{ours / sdpa:.2f}"]
+                for mode in ("fwd", "fwd+bwd"):
+                    if args.no_memory:
+                        cells += ["-", "-"]
+                        continue
+                    ours = peak_memory_mib("stickbreaking", T, inputs, mode, threads)
+                    sdpa = peak_memory_mib("sdpa", T, inputs, mode, threads)
+                    cells += [f"{ours:.1f} ({sdpa:.1f})", f"{ours / sdpa:.2f}" if sdpa > 0 else "-"]
+                print("| " + " | ".join(cells) + " |", flush=True)
+    torch.set_num_threads(args.threads[0])
     if args.decode:
         print(f"\n# decode: 1 query, {DECODE_HEADS} query heads over {DECODE_KV_HEADS} kv heads, D{D}; ratio = time / SDPA")
         print("\n| K | inputs | C++ decode us | PyTorch decode us | SDPA us | C++ / SDPA | PyTorch / SDPA |")

@@ -214,11 +214,27 @@ def test_blockwise_gradcheck(attend_current, with_mask, forward_path):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_blockwise_backward_is_deterministic(threads, forward_path):
     q, k, v = make_qkv(1, 4, 2, 150, 150, 16, 16)
-    torch.set_num_threads(threads)  # the C++ backward sums its per-thread dk/dv copies in a fixed order
+    torch.set_num_threads(threads)
     first = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=32)
     second = outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=32)
     for name in QUANTITIES:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("B, HQ, H", [(1, 4, 2), (2, 8, 8)], ids=["2-pairs-split-into-groups", "16-pairs"])
+def test_cpu_kernel_gradients_are_identical_at_any_thread_count(B, HQ, H):
+    """The C++ backward gives each task whole (batch, kv head) pairs (and, for few pairs, fixed groups of their query
+    blocks): no per-thread dk/dv copies, so 1, 2 and 8 threads give bit-identical outputs and gradients."""
+    require_cpu_kernels()
+    q, k, v = make_qkv(B, HQ, H, 150, 150, 16, 16)
+    mask = torch.rand(B, 1, 150, 150, generator=torch.Generator().manual_seed(2)) > 0.1
+    results = []
+    for threads in (1, 2, 8):
+        torch.set_num_threads(threads)
+        results.append(outputs_and_grads(blockwise_stickbreaking_attn, q, k, v, block_size=32, attention_mask=mask))
+    for other in results[1:]:
+        for name in QUANTITIES:
+            assert torch.equal(results[0][name], other[name]), name
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ The first call compiles the kernels with the machine's C++ compiler (about a min
 `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Without a working compiler, or with
 `HF_ATTN_VARIANTS_CPU_KERNEL=0`, `forward_kernel()`, `backward_kernel()` and `decode_kernel()` return None and the
 model keeps the pure PyTorch path, which is also what a checkpoint loaded as remote code without this package runs.
+
+The kernels are registered as torch.library custom ops, so `torch.compile(fullgraph=True)` traces through them
+(importing this module registers them; the C++ build still happens on the first real call):
+`hf_attn_variants::sb_forward` (with `register_autograd`: its backward is `sb_backward`), `sb_backward` and
+`sb_decode`, each with a fake (meta) implementation for tracing. `forward_op()`, `backward_op()` and `decode_op()`
+return them, or None where the kernels are unavailable.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Optional
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +53,8 @@ def _module():
 
 
 def forward_kernel():
-    """`forward(q5, k, v, scale, attend_current, mask, block_size, max_key_norm) -> [o, rem]` or None."""
+    """`forward(q5, k, v, scale, attend_current, mask, block_size) -> [o, rem]` or None (the raw extension function;
+    the model calls the custom ops below)."""
     module = _module()
     return None if module is None else module.forward
 
@@ -74,9 +84,15 @@ def _build():
         if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
+        import hashlib
+
+        # The source's hash in the name: processes running different versions of the source (an editable install
+        # being edited, two checkouts) never share, rebuild under each other or load the wrong build.
+        with open(SOURCE, "rb") as source:
+            digest = hashlib.sha1(source.read()).hexdigest()[:12]
         logger.info("building the stick-breaking CPU kernel (once; %s=0 skips it)", ENV_VAR)
         module = load(
-            name="hf_attn_variants_stickbreaking_cpu",
+            name=f"hf_attn_variants_stickbreaking_cpu_{digest}",
             sources=[SOURCE],
             # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas.
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -88,3 +104,109 @@ def _build():
         logger.warning("stick-breaking CPU kernel unavailable (%s: %s); using the PyTorch path",
                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops (what the model calls: traceable by torch.compile, autograd through register_autograd)
+# ----------------------------------------------------------------------------------------------------------------------
+# Shapes: q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv); mask None or bool with 5 dims broadcastable to
+# (B, H, G, Q, K), True = may attend. Query i sits at key position K - Q + i.
+
+
+def _require_module():
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"the stick-breaking CPU kernels are unavailable (build failed, or {ENV_VAR}=0)")
+    return module
+
+
+@torch.library.custom_op("hf_attn_variants::sb_forward", mutates_args=(), device_types="cpu")
+def sb_forward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
+               mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise stick-breaking forward -> (o (B, H, G, Q, Dv), rem (B, H, G, Q)), fp32 or fp64."""
+    o, rem = _require_module().forward(q5, k, v, scale, attend_current, mask, block_size)
+    return o, rem
+
+
+@sb_forward.register_fake
+def _(q5, k, v, scale, attend_current, mask, block_size):
+    return q5.new_empty((*q5.shape[:-1], v.shape[-1])), q5.new_empty(q5.shape[:-1])
+
+
+@torch.library.custom_op("hf_attn_variants::sb_backward", mutates_args=(), device_types="cpu")
+def sb_backward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do5: torch.Tensor, drem5: torch.Tensor,
+                row_totals: torch.Tensor, row_bounds: torch.Tensor, scale: float, attend_current: bool,
+                mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `sb_forward` -> (dq5, dk, dv). row_totals (B, H, G, Q) float64: do_i . o_i - drem_i (1 - rem_i);
+    row_bounds (B, H, G, Q): |do_i| max_j |v_j| + |drem_i|, rounded up (see the C++ `rows_block_grads`)."""
+    dq5, dk, dv = _require_module().backward(q5, k, v, do5, drem5, row_totals, row_bounds, scale, attend_current, mask,
+                                             block_size)
+    return dq5, dk, dv
+
+
+@sb_backward.register_fake
+def _(q5, k, v, do5, drem5, row_totals, row_bounds, scale, attend_current, mask, block_size):
+    return torch.empty_like(q5, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hf_attn_variants::sb_decode", mutates_args=(), device_types="cpu")
+def sb_decode(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
+              mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few queries over a long cache, forward only (k, v read in place: any strides, contiguous last dimension)."""
+    o, rem = _require_module().decode(q5, k, v, scale, attend_current, mask, block_size)
+    return o, rem
+
+
+@sb_decode.register_fake
+def _(q5, k, v, scale, attend_current, mask, block_size):
+    return q5.new_empty((*q5.shape[:-1], v.shape[-1])), q5.new_empty(q5.shape[:-1])
+
+
+def row_grad_totals(do5, drem5, o5, rem5):
+    """sum_j g_ij over all keys of row i, in float64: do_i . o_i - drem_i (1 - rem_i) (no float64 copy of do or o)."""
+    return (do5 * o5).sum(-1, dtype=torch.float64) - drem5.double() * (1.0 - rem5.double())
+
+
+def row_grad_bounds(do5, drem5, v):
+    """|g_ij| <= A_ij * bound_i with bound_i = |do_i| max_j |v_j| + |drem_i|, rounded up; (B, H, G, Q)."""
+    max_value_norm = v.norm(dim=-1).amax(-1) if v.shape[-2] else v.new_zeros(v.shape[:2])
+    return (do5.norm(dim=-1) * max_value_norm[:, :, None, None] + drem5.abs()) * (1 + 64 * torch.finfo(v.dtype).eps)
+
+
+def _forward_setup_context(ctx, inputs, output):
+    q5, k, v, scale, attend_current, mask, block_size = inputs
+    o5, rem5 = output
+    ctx.save_for_backward(q5, k, v, o5, rem5, mask)
+    ctx.scale, ctx.attend_current, ctx.block_size = scale, attend_current, block_size
+
+
+def _forward_backward(ctx, do5, drem5):
+    q5, k, v, o5, rem5, mask = ctx.saved_tensors
+    do5 = torch.zeros_like(o5) if do5 is None else do5
+    drem5 = torch.zeros_like(rem5) if drem5 is None else drem5
+    dq5, dk, dv = sb_backward(q5, k, v, do5, drem5, row_grad_totals(do5, drem5, o5, rem5),
+                              row_grad_bounds(do5, drem5, v), ctx.scale, ctx.attend_current, mask, ctx.block_size)
+    return dq5, dk, dv, None, None, None, None
+
+
+sb_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+def _available_op(op):
+    return op if _module() is not None else None
+
+
+def forward_op():
+    """`torch.ops.hf_attn_variants.sb_forward` (differentiable) where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_forward)
+
+
+def backward_op():
+    """`torch.ops.hf_attn_variants.sb_backward` where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_backward)
+
+
+def decode_op():
+    """`torch.ops.hf_attn_variants.sb_decode` where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_decode)

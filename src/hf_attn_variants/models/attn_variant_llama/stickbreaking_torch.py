@@ -26,8 +26,10 @@ of fresh prefills on CUDA.
 
 On CPU the blockwise forward, its backward and the decode path run as the package's C++ kernels
 (`hf_attn_variants.ops.stickbreaking_cpu`: the same algorithm and numerics, threads over query blocks, fused
-elementwise work) when the package is installed and the kernels build; `stickbreaking_backend="torch"` (or a
-checkpoint run as remote code without the package) keeps pure PyTorch.
+elementwise work) when the package is installed and the kernels build, called as its torch.library custom ops
+(`torch.ops.hf_attn_variants.sb_forward` / `sb_backward` / `sb_decode`), so `torch.compile(fullgraph=True)` traces
+them; float16/bfloat16 inputs run them in float32. `stickbreaking_backend="torch"` (or a checkpoint run as remote code
+without the package) keeps pure PyTorch, whose data-dependent early exits (`.item()`) break a torch.compile graph.
 
 Numerics of the blockwise op (fp32 compute for fp16/bf16/fp32 inputs, fp64 for fp64):
 - |z| is clamped at -log(tiny) - 1 (86 in fp32, 707 in fp64), which keeps CPU exp/sigmoid off their slow underflow
@@ -346,21 +348,32 @@ def _forward_block_weights(neg_q_block, k_block, stick, hidden, clamp_logits):
 
 
 _CPU_KERNEL = {}
+# Input dtypes the C++ kernels take on CPU; float16/bfloat16 are converted to float32 around them (as the PyTorch path
+# computes them).
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _cpu_kernel(x, name):
-    """The package's C++ kernel `name` ("forward", "backward" or "decode") for `x`'s device and dtype, or None (not CPU
-    fp32/fp64, no package, no build)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    """The package's C++ kernel `name` ("forward", "backward" or "decode") for `x`'s device and dtype, or None (not
+    CPU, no package, no build): the custom op `torch.ops.hf_attn_variants.sb_<name>`, which torch.compile traces."""
+    if x.device.type != "cpu" or x.dtype not in _CPU_KERNEL_DTYPES:
         return None
-    if name not in _CPU_KERNEL:
-        try:
-            from hf_attn_variants.ops import stickbreaking_cpu
-        except ImportError:  # remote code without the package: pure PyTorch
-            _CPU_KERNEL[name] = None
-        else:
-            _CPU_KERNEL[name] = getattr(stickbreaking_cpu, f"{name}_kernel")()
-    return _CPU_KERNEL[name]
+    kernel = _CPU_KERNEL.get(name, _CPU_KERNEL)  # the dict itself marks "not looked up yet"
+    if kernel is _CPU_KERNEL:
+        kernel = _load_cpu_kernel(name)
+    return kernel
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: looked up once while tracing, a constant in the graph
+def _load_cpu_kernel(name):
+    try:
+        from hf_attn_variants.ops import stickbreaking_cpu
+    except ImportError:  # remote code without the package: pure PyTorch
+        kernel = None
+    else:
+        kernel = getattr(stickbreaking_cpu, f"{name}_op")()
+    _CPU_KERNEL[name] = kernel
+    return kernel
 
 
 def _query_block_rows(x5, i0, i1, factor=None):
@@ -370,22 +383,14 @@ def _query_block_rows(x5, i0, i1, factor=None):
     return rows.flatten(2, 3)
 
 
-def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size, cpu_kernel_block_size=None):
-    """q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv) in compute dtype -> o (B, H, G, Q, Dv), rem (B, H, G, Q).
-
-    `cpu_kernel_block_size`: run as the package's C++ forward with blocks of that size where it is available (the
-    autograd function's backward then takes the C++ backward with the same blocks).
-    """
+def _blockwise_forward(q5, k, v, scale, attend_current, grouped_mask, block_size):
+    """q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv) in compute dtype -> o (B, H, G, Q, Dv), rem (B, H, G, Q)."""
     B, H, G, Q, _ = q5.shape
     K, Dv = v.shape[-2:]
     exhausted = math.exp(-_log_negligible(q5.dtype))
     # |z| <= s |q| |k| (Cauchy-Schwarz). Where that bound is at most half the clamp bound (the half covers rounding of
     # the matmul), clamping would change nothing, so that pass over the scores is skipped; NaN/inf norms keep it.
     max_key_norm = k.norm(dim=-1).amax().item() if k.numel() else 0.0
-    kernel = _cpu_kernel(q5, "forward") if cpu_kernel_block_size else None
-    if kernel is not None:
-        mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
-        return kernel(q5, k, v, scale, attend_current, mask, cpu_kernel_block_size, max_key_norm)
     query_norms = q5.norm(dim=-1)
     half_clamp = 0.5 * _log_negligible(q5.dtype)
     o = q5.new_empty(B, H, G, Q, Dv)
@@ -489,7 +494,7 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, o (compute dtype) and rem, nothing of size T x T; the backward recomputes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size, cpu_kernel_block_size=None):
+    def forward(ctx, q, k, v, scale, attend_current, attention_mask, block_size):
         B, HQ, Q, D = q.shape
         H = k.shape[1]
         G = HQ // H
@@ -497,11 +502,9 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
         grouped_mask = _grouped_mask(attention_mask, H, G)
         q5 = q.to(dtype).unflatten(1, (H, G))
         k_c, v_c = k.to(dtype), v.to(dtype)
-        o5, rem5 = _blockwise_forward(q5, k_c, v_c, scale, attend_current, grouped_mask, block_size,
-                                      cpu_kernel_block_size)
+        o5, rem5 = _blockwise_forward(q5, k_c, v_c, scale, attend_current, grouped_mask, block_size)
         ctx.save_for_backward(q, k, v, o5, rem5, attention_mask)
         ctx.scale, ctx.attend_current, ctx.block_size = scale, attend_current, block_size
-        ctx.cpu_kernel_block_size = cpu_kernel_block_size
         return o5.flatten(1, 2).to(q.dtype), rem5.flatten(1, 2).to(q.dtype)
 
     @staticmethod
@@ -513,17 +516,9 @@ class BlockwiseStickBreakingFunction(torch.autograd.Function):
         drem5 = torch.zeros_like(rem5) if drem is None else drem.to(dtype).unflatten(1, (H, G))
         q5, k_c, v_c = q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype)
         grouped_mask = _grouped_mask(attention_mask, H, G)
-        kernel = _cpu_kernel(q5, "backward") if ctx.cpu_kernel_block_size else None
-        if kernel is not None:
-            mask = None if grouped_mask is None else grouped_mask.expand(*q5.shape[:-1], k.shape[-2])
-            row_totals = _row_grad_totals(do5, drem5, o5, rem5, torch.float64)
-            dq5, dk, dv = kernel(q5, k_c, v_c, do5, drem5, row_totals,
-                                 _row_grad_bounds(do5, drem5, v_c), ctx.scale, ctx.attend_current, mask,
-                                 ctx.cpu_kernel_block_size)
-        else:
-            dq5, dk, dv = _blockwise_backward(do5, drem5, q5, k_c, v_c, o5, rem5, ctx.scale, ctx.attend_current,
-                                              grouped_mask, ctx.block_size)
-        return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq5, dk, dv = _blockwise_backward(do5, drem5, q5, k_c, v_c, o5, rem5, ctx.scale, ctx.attend_current,
+                                          grouped_mask, ctx.block_size)
+        return dq5.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, attention_mask=None, block_size=None,
@@ -563,14 +558,29 @@ def blockwise_stickbreaking_attn(q, k, v, scale=None, attend_current=False, atte
     scale = _resolve_scale(scale, D)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
-    # The C++ kernels keep their scores per thread, so by default they take larger (faster) blocks than PyTorch.
-    cpu_kernel_block_size = (block_size or CPU_KERNEL_BLOCK_SIZE) if cpu_kernel else None
-    block_size = block_size or DEFAULT_BLOCK_SIZE
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad:
         return _decode_stickbreaking_attn(q, k, v, scale, bool(attend_current), attention_mask, cpu_kernel)
-    return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask, block_size,
-                                                cpu_kernel_block_size)
+    kernel = _cpu_kernel(q, "forward") if cpu_kernel else None
+    if kernel is not None:
+        # The package's C++ forward as a custom op (its registered autograd runs the C++ backward with the same
+        # blocks). The kernels keep their scores per thread, so by default they take larger (faster) blocks.
+        return _cpu_kernel_stickbreaking_attn(kernel, q, k, v, scale, bool(attend_current), attention_mask,
+                                              block_size or CPU_KERNEL_BLOCK_SIZE)
+    return BlockwiseStickBreakingFunction.apply(q, k, v, scale, bool(attend_current), attention_mask,
+                                                block_size or DEFAULT_BLOCK_SIZE)
+
+
+def _cpu_kernel_stickbreaking_attn(kernel, q, k, v, scale, attend_current, attention_mask, block_size):
+    """`blockwise_stickbreaking_attn` through the package's C++ forward op `kernel` (compute dtype in and out; bf16/fp16
+    inputs are converted around it, and autograd converts their gradients back)."""
+    B, HQ, Q, D = q.shape
+    H = k.shape[1]
+    G = HQ // H
+    dtype = _compute_dtype(q.dtype)
+    o5, rem5 = kernel(q.to(dtype).unflatten(1, (H, G)), k.to(dtype), v.to(dtype), scale, attend_current,
+                      _grouped_mask(attention_mask, H, G), block_size)
+    return o5.flatten(1, 2).to(q.dtype), rem5.flatten(1, 2).to(q.dtype)
 
 
 def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask, cpu_kernel=True):
@@ -592,10 +602,9 @@ def _decode_stickbreaking_attn(q, k, v, scale, attend_current, attention_mask, c
     dtype = _compute_dtype(q.dtype)
     kernel = _cpu_kernel(q, "decode") if cpu_kernel else None
     if kernel is not None:
-        grouped_mask = _grouped_mask(attention_mask, H, G)
-        mask = None if grouped_mask is None else grouped_mask.expand(B, H, G, Q, K)
-        o, rem = kernel(q.view(B, H, G, Q, D), k, v, scale, attend_current, mask, DECODE_KERNEL_BLOCK_SIZE)
-        return o.view(B, HQ, Q, Dv), rem.view(B, HQ, Q)
+        o, rem = kernel(q.to(dtype).view(B, H, G, Q, D), k.to(dtype), v.to(dtype), scale, attend_current,
+                        _grouped_mask(attention_mask, H, G), DECODE_KERNEL_BLOCK_SIZE)
+        return o.view(B, HQ, Q, Dv).to(q.dtype), rem.view(B, HQ, Q).to(q.dtype)
     bound = _log_negligible(dtype)
     neg_query = q.to(dtype).reshape(B, H, G * Q, D) * -scale  # query head h*G + g reads kv head h
     grouped_mask = _grouped_mask(attention_mask, H, G)
@@ -697,11 +706,26 @@ def _trim_unfilled_keys(key, value, attention_mask, query_length):
     seen = attention_mask.reshape(-1, attention_mask.shape[-1]).any(dim=0)  # (K,), or (1,) when broadcast
     if seen.shape[0] != K:
         return key, value, attention_mask
+    if torch.compiler.is_compiling():
+        return _rotate_unfilled_keys_first(key, value, attention_mask, seen, query_length)
     last_seen = int(torch.nonzero(seen).max()) + 1 if bool(seen.any()) else query_length
     kv_length = max(last_seen, query_length)
     if kv_length == K:
         return key, value, attention_mask
     return key[:, :, :kv_length], value[:, :, :kv_length], attention_mask[..., :kv_length]
+
+
+def _rotate_unfilled_keys_first(key, value, attention_mask, seen, query_length):
+    """`_trim_unfilled_keys` under torch.compile: the cut's length is data (it would break the graph), so the keys are
+    rotated instead, the unfilled tail to the front, where the mask hides it from every query (masked keys never break
+    the stick, so the result is the same); the real keys then end at K and query i at K - Q + i is where it belongs.
+    Costs one gather of k and v per call (the cut was free), and the kernels still visit the masked keys."""
+    K = key.shape[2]
+    positions = torch.arange(K, device=key.device)
+    last_seen = torch.where(seen, positions + 1, 0).amax()
+    kv_length = torch.clamp(last_seen, min=query_length)
+    order = (positions + kv_length) % K  # new position p holds old key (p + kv_length) mod K
+    return key.index_select(2, order), value.index_select(2, order), attention_mask.index_select(-1, order)
 
 
 def _stickbreaking_options(module, query, scaling, dropout):

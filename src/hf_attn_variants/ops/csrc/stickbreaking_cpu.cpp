@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -171,17 +172,24 @@ struct MaskView {
   int64_t stride[5] = {0, 0, 0, 0, 0};
 };
 
+// `mask` (bool, 5 dims, broadcastable to (B, H, G, Q, K)) is expanded here (a view: stride 0 on broadcast dims);
+// `expanded` keeps that view alive while `view` points into it.
 MaskView mask_view(const c10::optional<torch::Tensor>& mask, int64_t B, int64_t H, int64_t G, int64_t Q, int64_t K,
-                   const char* op) {
+                   const char* op, torch::Tensor& expanded) {
   MaskView view;
   if (!mask.has_value()) return view;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5 && mask->size(0) == B && mask->size(1) == H &&
-              mask->size(2) == G && mask->size(3) == Q && mask->size(4) == K, op,
-              ": mask must be bool, expanded to (B,H,G,Q,K)");
-  view.ptr = mask->data_ptr<bool>();
-  for (int d = 0; d < 5; ++d) view.stride[d] = mask->stride(d);
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 5, op,
+              ": mask must be bool with 5 dims, broadcastable to (B,H,G,Q,K)");
+  expanded = mask->detach().expand({B, H, G, Q, K});
+  view.ptr = expanded.data_ptr<bool>();
+  for (int d = 0; d < 5; ++d) view.stride[d] = expanded.stride(d);
   return view;
 }
+
+// The kernels read raw memory and call ATen ops inside at::parallel_for, whose worker threads do not inherit the
+// caller's grad mode: on inputs that require grad those ops would record autograd graphs (keeping every block's
+// scores alive until the call returns: 1.6 GB at T=8192 with 2 threads). Every input is therefore detached first.
+torch::Tensor plain(const torch::Tensor& x) { return x.detach(); }
 
 // Keys the mask hides get -z = +inf (which gives beta = 0) in the scores x (G * m rows, n keys from key j0) of
 // queries i0 .. i0 + m of kv head (b, h); row g * m + a is query i0 + a of query head g.
@@ -211,20 +219,24 @@ scalar_t max_of(const scalar_t* x, int64_t n) {
 // q5 (B, H, G, Q, D), k (B, H, K, D), v (B, H, K, Dv); mask: None or bool (B, H, G, Q, K), any strides (broadcast
 // views welcome), True = may attend. Query i sits at key position K - Q + i. Returns o (B, H, G, Q, Dv), rem (B, H, G, Q).
 std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Tensor v, double scale,
-                                   bool attend_current, c10::optional<torch::Tensor> mask, int64_t block_size,
-                                   double max_key_norm) {
+                                   bool attend_current, c10::optional<torch::Tensor> mask, int64_t block_size) {
   TORCH_CHECK(q5.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "forward: CPU tensors");
   TORCH_CHECK(q5.dim() == 5 && k.dim() == 4 && v.dim() == 4, "forward: q (B,H,G,Q,D), k/v (B,H,K,D)");
   TORCH_CHECK(q5.scalar_type() == k.scalar_type() && q5.scalar_type() == v.scalar_type(),
               "forward: q, k, v dtypes differ");
   TORCH_CHECK(block_size > 0, "forward: block_size must be positive");
-  q5 = q5.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
+  at::NoGradGuard no_grad;
+  q5 = plain(q5).contiguous();
+  k = plain(k).contiguous();
+  v = plain(v).contiguous();
   const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
   const int64_t K = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(2) == K, "forward: shapes");
-  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "forward");
+  torch::Tensor mask_expanded;
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "forward", mask_expanded);
+  // |z| <= s |q| |k| (Cauchy-Schwarz): with the largest key norm, each query block below decides whether clamping
+  // could change anything (NaN/inf norms keep the clamp).
+  const double max_key_norm = K > 0 && B * H > 0 ? k.norm(2, -1).max().item<double>() : 0.0;
   auto o = at::empty({B, H, G, Q, Dv}, q5.options());
   auto rem = at::empty({B, H, G, Q}, q5.options());
   const int64_t n_query_blocks = (Q + block_size - 1) / block_size;
@@ -232,6 +244,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Ten
     const scalar_t max_abs_logit = static_cast<scalar_t>(-std::log(std::numeric_limits<scalar_t>::min()) - 1.0);
     const scalar_t exhausted = std::exp(-max_abs_logit);
     at::parallel_for(0, B * H * n_query_blocks, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard worker_no_grad;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / (H * n_query_blocks), h = (task / n_query_blocks) % H;
         const int64_t i0 = (task % n_query_blocks) * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
@@ -323,6 +336,10 @@ std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tens
   TORCH_CHECK(q5.scalar_type() == k.scalar_type() && q5.scalar_type() == v.scalar_type(),
               "decode: q, k, v dtypes differ");
   TORCH_CHECK(block_size > 0, "decode: block_size must be positive");
+  at::NoGradGuard no_grad;
+  q5 = plain(q5);
+  k = plain(k);
+  v = plain(v);
   if (k.stride(3) != 1) k = k.contiguous();
   if (v.stride(3) != 1) v = v.contiguous();
   const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
@@ -330,7 +347,8 @@ std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tens
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H &&
               v.size(2) == K, "decode: shapes");
   TORCH_CHECK(Q <= K, "decode: more queries than keys");
-  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "decode");
+  torch::Tensor mask_expanded;
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "decode", mask_expanded);
   auto neg_q = (q5 * (-scale)).contiguous();  // (B, H, G*Q, D): row g * Q + a is query a of query head g
   auto o = at::zeros({B, H, G, Q, Dv}, q5.options());
   auto rem = at::ones({B, H, G, Q}, q5.options());
@@ -366,12 +384,22 @@ std::vector<torch::Tensor> decode(torch::Tensor q5, torch::Tensor k, torch::Tens
   return {o, rem};
 }
 
+// Below this many (batch, kv head) pairs the backward also splits each pair's query blocks into groups (see below).
+constexpr int64_t kMinBackwardTasks = 8;
+
 // Gradients of `forward`: q5 (B, H, G, Q, D), k, v, do5 (B, H, G, Q, Dv), drem5, total5 and bound5 (B, H, G, Q): the
-// row totals (float64) and the bounds |do_i| max_j |v_j| + |drem_i| (rounded up) of rows_block_grads; mask as in `forward`. Returns dq5, dk, dv. Per (batch, kv head, query block): the key blocks
-// nearest first with the same early exit, five GEMMs per block (scores, do . v, and dq, dk, dv) around one sweep.
-// dk and dv sum over query blocks, so each worker slot accumulates its own copy, summed at the end in slot order;
-// slots take tasks round-robin (the tasks' costs grow with the query block), which keeps the result deterministic
-// for a given thread count.
+// row totals (float64) and the bounds |do_i| max_j |v_j| + |drem_i| (rounded up) of rows_block_grads; mask as in
+// `forward`. Returns dq5, dk, dv. Per (batch, kv head, query block): the key blocks nearest first with the same early
+// exit, five GEMMs per block (scores, do . v, and dq, dk, dv) around one sweep.
+//
+// dk and dv sum over query blocks. Each task owns whole (batch, kv head) pairs and accumulates straight into their
+// dk and dv, its query blocks in a fixed order: no per-thread copies, and the same sums in the same order for any
+// thread count (bit-identical gradients at 1, 2 or 64 threads). When B * H is below kMinBackwardTasks each pair's
+// query blocks are also dealt round-robin into S = ceil(kMinBackwardTasks / (B * H)) groups (so a single head still
+// keeps several threads busy); groups after the first accumulate into their own copy of that pair's dk and dv, added
+// in group order at the end. S depends on the shapes only, so the extra memory, (S - 1) B H K (D + Dv) < 8 K (D + Dv),
+// never grows with the thread count and the result stays the same for any. Tasks are taken dynamically (an atomic
+// counter), which balances uneven costs (masks, early exits) without changing any task's arithmetic.
 std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Tensor v, torch::Tensor do5,
                                     torch::Tensor drem5, torch::Tensor total5, torch::Tensor bound5, double scale,
                                     bool attend_current,
@@ -383,33 +411,45 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
   for (const auto& t : {k, v, do5, drem5, bound5}) {
     TORCH_CHECK(t.scalar_type() == q5.scalar_type(), "backward: dtypes differ");
   }
-  q5 = q5.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
-  do5 = do5.contiguous();
-  drem5 = drem5.contiguous();
-  total5 = total5.contiguous();
-  bound5 = bound5.contiguous();
+  at::NoGradGuard no_grad;
+  q5 = plain(q5).contiguous();
+  k = plain(k).contiguous();
+  v = plain(v).contiguous();
+  do5 = plain(do5).contiguous();
+  drem5 = plain(drem5).contiguous();
+  total5 = plain(total5).contiguous();
+  bound5 = plain(bound5).contiguous();
   const int64_t B = q5.size(0), H = q5.size(1), G = q5.size(2), Q = q5.size(3), D = q5.size(4);
   const int64_t K = k.size(2), Dv = v.size(3);
-  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "backward");
+  torch::Tensor mask_expanded;
+  const MaskView mask_keys = mask_view(mask, B, H, G, Q, K, "backward", mask_expanded);
   if (B * H * Q * K == 0) return {at::zeros_like(q5), at::zeros_like(k), at::zeros_like(v)};
-  const int64_t n_query_blocks = (Q + block_size - 1) / block_size, n_tasks = B * H * n_query_blocks;
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  const int64_t n_query_blocks = (Q + block_size - 1) / block_size;
+  const int64_t groups = std::min(n_query_blocks, std::max<int64_t>(1, (kMinBackwardTasks + B * H - 1) / (B * H)));
+  const int64_t n_tasks = B * H * groups;
   auto dq5 = at::empty_like(q5);
-  auto dk_slots = at::zeros({slots, B, H, K, D}, q5.options());
-  auto dv_slots = at::zeros({slots, B, H, K, Dv}, q5.options());
+  auto dk_all = at::zeros_like(k);
+  auto dv_all = at::zeros_like(v);
+  // Groups 1 .. S-1 of every pair: their own dk, dv (none when S == 1).
+  auto dk_groups = groups > 1 ? at::zeros({groups - 1, B, H, K, D}, q5.options()) : torch::Tensor();
+  auto dv_groups = groups > 1 ? at::zeros({groups - 1, B, H, K, Dv}, q5.options()) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q5.scalar_type(), "stickbreaking_backward", [&] {
     const scalar_t max_abs_logit = static_cast<scalar_t>(-std::log(std::numeric_limits<scalar_t>::min()) - 1.0);
     const scalar_t exhausted = std::exp(-max_abs_logit);
-    at::parallel_for(0, slots, 1, [&](int64_t slot_begin, int64_t slot_end) {
+    std::atomic<int64_t> next_task{0};
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      at::NoGradGuard worker_no_grad;
       std::vector<scalar_t> keep(G * std::min(block_size, Q) * std::min(block_size, K)), beta(keep.size());
-      for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
-        // Tasks from the last (most expensive) query block down, round-robin over the slots.
-        for (int64_t t = slot; t < n_tasks; t += slots) {
-          const int64_t task = n_tasks - 1 - t;
-          const int64_t b = task / (H * n_query_blocks), h = (task / n_query_blocks) % H;
-          const int64_t i0 = (task % n_query_blocks) * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
+      for (int64_t task = next_task.fetch_add(1); task < n_tasks; task = next_task.fetch_add(1)) {
+        const int64_t pair = task / groups, group = task % groups;
+        const int64_t b = pair / H, h = pair % H;
+        auto keys = k[b][h], values = v[b][h];
+        auto dk = group == 0 ? dk_all[b][h] : dk_groups[group - 1][b][h];
+        auto dv = group == 0 ? dv_all[b][h] : dv_groups[group - 1][b][h];
+        // The group's query blocks, last (most expensive) first: n-1-group, n-1-group-S, ...
+        for (int64_t block = n_query_blocks - 1 - group; block >= 0; block -= groups) {
+          const int64_t i0 = block * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
           const int64_t rows = G * m;
           auto neg_q = (q5[b][h].slice(1, i0, i1) * (-scale)).reshape({rows, D});
           auto do_rows = do5[b][h].slice(1, i0, i1).reshape({rows, Dv});
@@ -420,8 +460,6 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
           auto stick = at::ones({rows}, q5.options());
           auto dq_rows = at::zeros({rows, D}, q5.options());
           scalar_t* stick_ptr = stick.data_ptr<scalar_t>();
-          auto keys = k[b][h], values = v[b][h];
-          auto dk = dk_slots[slot][b][h], dv = dv_slots[slot][b][h];
           const int64_t first_visible = std::max<int64_t>(0, Q - i1 + 1 - int64_t(attend_current));
           for (int64_t r0 = first_visible; r0 < K; r0 += block_size) {
             if (max_of(stick_ptr, rows) <= exhausted) break;  // as the forward: farther keys have weights < tiny
@@ -445,8 +483,11 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
       }
     });
   });
-  if (slots == 1) return {dq5, dk_slots[0], dv_slots[0]};  // no second copy of dk and dv with one thread
-  return {dq5, dk_slots.sum(0), dv_slots.sum(0)};
+  for (int64_t group = 1; group < groups; ++group) {  // in group order: elementwise adds, the same for any threads
+    dk_all.add_(dk_groups[group - 1]);
+    dv_all.add_(dv_groups[group - 1]);
+  }
+  return {dq5, dk_all, dv_all};
 }
 
 }  // namespace
