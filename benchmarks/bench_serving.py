@@ -256,8 +256,8 @@ def run_case(models, prompts, new_tokens, args, repeats, label, modes=MODES):
             rounds[variant, mode].append(measurement)
             answers[variant, mode] = [tokens for tokens, *_ in results]
             print(f"  {label} round {r + 1}/{repeats} {variant:13s} {mode:10s} "
-                  f"{measurement['tokens_per_s']:7.2f} tok/s ({measurement['tokens_per_cpu_s']:6.2f} per CPU s)  p50 {measurement['latency_p50']:6.1f} s  "
-                  f"p90 {measurement['latency_p90']:6.1f} s", flush=True)
+                  f"{measurement['tokens_per_s']:7.2f} tok/s ({measurement['tokens_per_cpu_s']:6.2f} per CPU s)  "
+                  f"p50 {measurement['latency_p50']:6.1f} s  p90 {measurement['latency_p90']:6.1f} s", flush=True)
         for variant in models:
             if len(modes) < 2:
                 continue
