@@ -202,24 +202,28 @@ def check_texts(config: TrainConfig) -> list[str]:
     return paths
 
 
-def model_skeleton(config: TrainConfig, path: str, gguf_file: str | None, overrides: dict):
-    """The model `config.model` loads as, with empty weights (names and structure only), and its model type."""
+def model_skeleton(config: TrainConfig, path: str, gguf_file: str | None, overrides: dict, cache: dict | None = None):
+    """The model `config.model` loads as, with empty weights (names and structure only), and its model type. The
+    config is read once per (path, gguf_file) in `cache` (a GGUF's metadata takes seconds to read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import AttnVariantLlamaConfig, AttnVariantLlamaForCausalLM
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    cache = {} if cache is None else cache
     try:
-        model_type = AutoConfig.from_pretrained(path, **kwargs).model_type
+        if (path, gguf_file) not in cache:
+            cache[(path, gguf_file)] = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        source_config = cache[(path, gguf_file)]
+        model_type = source_config.model_type
         with init_empty_weights():
             if model_type in FAMILY_MODEL_TYPES:
-                model_config = AttnVariantLlamaConfig.from_pretrained(path, **kwargs, **overrides)
-                return AttnVariantLlamaForCausalLM(model_config), model_type
+                values = {k: v for k, v in source_config.to_dict().items() if k != "model_type"}
+                return AttnVariantLlamaForCausalLM(AttnVariantLlamaConfig.from_dict(values, **overrides)), model_type
             if overrides:
                 raise TrainError(f"{_flag(next(iter(overrides)))}: variant changes need a Llama-style model (model type "
                                  f"{' or '.join(FAMILY_MODEL_TYPES)}), {path!r} is {model_type!r}; convert it first")
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **kwargs)), model_type
+            return AutoModelForCausalLM.from_config(source_config), model_type
     except (TrainError, KeyboardInterrupt):
         raise
     except Exception as error:  # noqa: BLE001 - an unreadable config, an unknown model type, ...
@@ -307,10 +311,11 @@ def check_config(config: TrainConfig) -> RunPlan:
     plan.train_paths = check_texts(config)
     from .loading import variant_overrides
 
-    student, _ = model_skeleton(config, config.model, config.gguf_file, variant_overrides(config))
+    configs = {}
+    student, _ = model_skeleton(config, config.model, config.gguf_file, variant_overrides(config), configs)
     check_trained_names(config, student)
     if config.teacher:
-        teacher, _ = model_skeleton(config, config.teacher, config.teacher_gguf_file, {})
+        teacher, _ = model_skeleton(config, config.teacher, config.teacher_gguf_file, {}, configs)
         s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
         if s_vocab != t_vocab:
             raise TrainError(f"--teacher {config.teacher!r} has a vocabulary of {t_vocab} tokens, the student "
