@@ -304,3 +304,12 @@ def test_resume_must_repeat_the_run_s_arguments(resume_setup, capsys):
     assert exit_info.value.code == 2 and "--learning-rate 0.5 (was 0.01)" in err, err
     assert os.path.isdir(_staging(out))  # still there to resume
     shutil.rmtree(_staging(out))
+
+
+def test_ctrl_c_saves_a_checkpoint_like_sigterm(resume_setup):
+    root, script, recipe = resume_setup
+    out = str(root / "ctrl-c")
+    code, log = _run(script, [out if a == "OUT" else a for a in recipe], 1, 0, stop_after=3, sig=signal.SIGINT)
+    assert code == 130 and "interrupted by SIGINT at step" in log and "--resume" in log, log[-3000:]
+    assert len(os.listdir(os.path.join(_staging(out), "checkpoints"))) == 1 and not os.path.exists(out)
+    shutil.rmtree(_staging(out))

@@ -1,6 +1,6 @@
 """One training entry point: plain fine-tuning and uptraining (distillation from a teacher), LoRA or full.
 
-    hf-attn-variants-train MODEL OUTPUT_DIR [--teacher TEACHER] [--method lora|full] [--max-steps N] ...
+    hf-attn-variants train MODEL OUTPUT_DIR [--teacher TEACHER] [--method lora|full] [--max-steps N] ...
 
 * Plain fine-tuning: LM loss on the training texts, any variant (`MODEL` is a converted folder, a Llama folder or
   Hub id, or a GGUF file via `--gguf-file`; `--attention-variant`, `--use-rope`, ... change the variant on load).
@@ -18,6 +18,12 @@
   arguments) and `curves.png`. An adapter records a base that `AutoPeftModelForCausalLM.from_pretrained(OUTPUT_DIR,
   trust_remote_code=True)` loads: `MODEL` itself when it is a family folder loaded unchanged, else the converted base
   the command saves to `OUTPUT_DIR/base`; `--base-name` records a Hub id or path of your choice instead.
+  `base_variant.json` and `base_source.json` say how to rebuild that base (`hf_attn_variants.load_adapter`).
+* Checked first (`checks`: one line, exit 2, nothing written), written last: into `.OUTPUT_DIR.partial`, renamed when
+  complete; `--save-steps N` checkpoints there, Ctrl-C/SIGTERM saves one and stops, `--resume` continues (`run`).
+
+Modules: config (TrainConfig), checks, data, loading, losses, trainer (UptrainingTrainer, callbacks), distributed,
+run (`train`), card, cli (`main`, `cli_main`). Every name is importable from `hf_attn_variants.train`.
 """
 
 
