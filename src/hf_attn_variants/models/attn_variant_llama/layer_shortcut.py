@@ -438,7 +438,10 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def fused_kernel_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
     """What the fused kernel needs for a boolean (B or 1, 1, T_q, T_k) mask: `(None, False)` when every key is visible
     (decoding without padding), `(None, True)` for the plain causal mask of a prefill (T_q == T_k, no padding: the
-    kernel then skips the blocks above the diagonal, half the work), else `(additive mask, False)`."""
+    kernel then skips the blocks above the diagonal, half the work), else `(additive mask, False)`. Under
+    torch.compile always the additive mask (the same result; the shortcuts' checks read data, a graph break)."""
+    if torch.compiler.is_compiling():
+        return additive_mask(mask, dtype), False
     if bool(mask.all()):
         return None, False
     query_length, key_length = mask.shape[-2:]

@@ -61,6 +61,7 @@ from .layer_shortcut import (
 from .stickbreaking_torch import (
     STICKBREAKING_ATTENTION_NAME,
     _packed_request_bounds,
+    cpu_kernels_compile_fullgraph,
     eager_paged_stickbreaking_attention_forward,
     eager_stickbreaking_attention_forward,
     paged_stickbreaking_attention_forward,
@@ -301,8 +302,30 @@ class AttnVariantLlamaDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+class _CanCompileFullgraph:
+    """`_can_compile_fullgraph`, read on the class (transformers' tests) or on a model.
+
+    Softmax variants trace as Llama does. Stick-breaking traces without a graph break where the package's C++ kernels
+    run it (its torch.library custom ops, on CPU): on the class that is whether they are available; on a model, also
+    whether it is a stick-breaking model on CPU in float32/float64 (bf16/fp16 decode keeps the PyTorch path) with a
+    backend other than "torch". The pure-PyTorch path (remote code without the package) breaks the graph at its
+    data-dependent early exits, so there it is False.
+    """
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return cpu_kernels_compile_fullgraph()
+        config = model.config
+        if getattr(config, "attention_variant", "softmax") != "stickbreaking":
+            return True
+        backend = os.environ.get("HF_ATTN_VARIANTS_SB_BACKEND") or getattr(config, "stickbreaking_backend", "auto")
+        return (model.device.type == "cpu" and model.dtype in (torch.float32, torch.float64) and backend != "torch"
+                and cpu_kernels_compile_fullgraph())
+
+
 class AttnVariantLlamaPreTrainedModel(PreTrainedModel):
     config_class = AttnVariantLlamaConfig
+    _can_compile_fullgraph = _CanCompileFullgraph()
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AttnVariantLlamaDecoderLayer", "AttnVariantLlamaLayerShortcut"]

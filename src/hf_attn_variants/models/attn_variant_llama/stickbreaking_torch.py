@@ -348,15 +348,18 @@ def _forward_block_weights(neg_q_block, k_block, stick, hidden, clamp_logits):
 
 
 _CPU_KERNEL = {}
-# Input dtypes the C++ kernels take on CPU; float16/bfloat16 are converted to float32 around them (as the PyTorch path
-# computes them).
+# Input dtypes the C++ forward/backward take on CPU; float16/bfloat16 are converted to float32 around them (as the
+# PyTorch path computes them): 0.60x the PyTorch path's forward+backward time at T=2048 (long stick, bf16, 1 thread).
+# The decode keeps PyTorch for them: converting the whole cache to float32 each step cost 3-4x PyTorch's decode,
+# which converts only the chunks it reads.
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CPU_DECODE_DTYPES = (torch.float32, torch.float64)
 
 
 def _cpu_kernel(x, name):
     """The package's C++ kernel `name` ("forward", "backward" or "decode") for `x`'s device and dtype, or None (not
     CPU, no package, no build): the custom op `torch.ops.hf_attn_variants.sb_<name>`, which torch.compile traces."""
-    if x.device.type != "cpu" or x.dtype not in _CPU_KERNEL_DTYPES:
+    if x.device.type != "cpu" or x.dtype not in (_CPU_DECODE_DTYPES if name == "decode" else _CPU_KERNEL_DTYPES):
         return None
     kernel = _CPU_KERNEL.get(name, _CPU_KERNEL)  # the dict itself marks "not looked up yet"
     if kernel is _CPU_KERNEL:
@@ -713,6 +716,14 @@ def _trim_unfilled_keys(key, value, attention_mask, query_length):
     if kv_length == K:
         return key, value, attention_mask
     return key[:, :, :kv_length], value[:, :, :kv_length], attention_mask[..., :kv_length]
+
+
+def cpu_kernels_compile_fullgraph():
+    """True where the package's C++ kernels (custom ops) are available on CPU: then a stick-breaking model's forward,
+    its decode steps (dynamic and static cache) and a training step compile with `torch.compile(fullgraph=True)`. The
+    pure-PyTorch path (remote code without the package, `stickbreaking_backend="torch"`, a failed build) ends its
+    block loops on data (`.item()`), a graph break."""
+    return _cpu_kernel(torch.empty(0), "forward") is not None and _cpu_kernel(torch.empty(0), "decode") is not None
 
 
 def _rotate_unfilled_keys_first(key, value, attention_mask, seen, query_length):

@@ -102,8 +102,8 @@ void rows_block_weights(scalar_t* scores, scalar_t* stick, int64_t rows, int64_t
 
 // Gradients of one (query block, key block) pair: the backward's counterpart of rows_block_weights (same layout, band
 // and mask convention, the same weights recomputed). In: x (rows, n) holds -z, dov (rows, n) do_i . v_j. Out: x holds
-// A, dov holds dL/dz; keep and beta are (rows, n) scratch; stick and nearer (the running sum of g over nearer keys)
-// carry over to the next, farther block.
+// A, dov holds dL/dz; keep and beta are (kTileRows, n) scratch (one tile of rows at a time); stick and nearer (the
+// running sum of g over nearer keys) carry over to the next, farther block.
 //
 // With g_ij = A_ij (do_i . v_j - drem_i), dL/dz_ij = g_ij - beta_ij F_ij, F_ij the sum of g over key j and every
 // farther key. Writing F_ij = g_ij + (farther keys of this block) + (farther blocks) gives
@@ -117,13 +117,13 @@ template <typename scalar_t>
 void rows_block_grads(scalar_t* x, scalar_t* dov, scalar_t* keep, scalar_t* beta, scalar_t* stick, double* nearer,
                       const scalar_t* drem, const double* total, const scalar_t* g_bound, int64_t rows, int64_t n,
                       int64_t rows_per_group, int64_t band, scalar_t max_abs_logit) {
-  for (int64_t r = 0; r < rows; ++r) {
-    scalar_t* xr = x + r * n;
-    row_betas<scalar_t>(xr, keep + r * n, n, band - r % rows_per_group, max_abs_logit, /*clamp=*/true);
-    std::copy(xr, xr + n, beta + r * n);
-  }
   for (int64_t tile = 0; tile < rows; tile += kTileRows) {
     const int64_t tile_rows = std::min(kTileRows, rows - tile);
+    for (int64_t t = 0; t < tile_rows; ++t) {
+      scalar_t* xr = x + (tile + t) * n;
+      row_betas<scalar_t>(xr, keep + t * n, n, band - (tile + t) % rows_per_group, max_abs_logit, /*clamp=*/true);
+      std::copy(xr, xr + n, beta + t * n);
+    }
     // The sums of g (and the row totals) are double: in float their rounding over a long stick was the largest error
     // left in dq (1e-5 rel. RMS against 4e-6 at T=300, every key visited).
     scalar_t s[kTileRows], dr[kTileRows];
@@ -135,8 +135,8 @@ void rows_block_grads(scalar_t* x, scalar_t* dov, scalar_t* keep, scalar_t* beta
     }
     scalar_t* x0 = x + tile * n;
     scalar_t* g0 = dov + tile * n;
-    const scalar_t* k0 = keep + tile * n;
-    const scalar_t* b0 = beta + tile * n;
+    const scalar_t* k0 = keep;
+    const scalar_t* b0 = beta;
     // Nearest key first: A = beta * (stick before the key), g = A (do . v - drem); the rows advance together.
     for (int64_t c = n - 1; c >= 0; --c) {
       for (int64_t t = 0; t < tile_rows; ++t) {
@@ -245,26 +245,34 @@ std::vector<torch::Tensor> forward(torch::Tensor q5, torch::Tensor k, torch::Ten
     const scalar_t exhausted = std::exp(-max_abs_logit);
     at::parallel_for(0, B * H * n_query_blocks, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard worker_no_grad;
+      // Scratch of this worker, reused by all its tasks: no allocation per task or key block (freed blocks would
+      // stay cached by each thread's malloc arena, and that grew with the thread count).
+      const int64_t max_rows = G * std::min(block_size, Q), max_n = std::min(block_size, K);
+      auto opts = q5.options();
+      auto neg_q_buf = at::empty({max_rows * D}, opts), acc_buf = at::empty({max_rows * Dv}, opts);
+      auto scores_buf = at::empty({max_rows * max_n}, opts), stick_buf = at::empty({max_rows}, opts);
+      std::vector<scalar_t> keep(kTileRows * max_n);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / (H * n_query_blocks), h = (task / n_query_blocks) % H;
         const int64_t i0 = (task % n_query_blocks) * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
         const int64_t rows = G * m;
         auto q_block = q5[b][h].slice(1, i0, i1);  // (G, m, D)
-        auto neg_q = (q_block * (-scale)).reshape({rows, D});
+        auto neg_q = neg_q_buf.narrow(0, 0, rows * D).view({rows, D});
+        neg_q.view({G, m, D}).copy_(q_block).mul_(-scale);
         // |z| <= s |q| |k|: where that bound is at most half the clamp bound, clamping would change nothing.
         const double bound = std::abs(scale) * q_block.norm(2, -1).max().item<double>() * max_key_norm;
         const bool clamp = !(bound <= 0.5 * static_cast<double>(max_abs_logit));
-        auto acc = at::zeros({rows, Dv}, q5.options());
-        auto stick = at::ones({rows}, q5.options());
+        auto acc = acc_buf.narrow(0, 0, rows * Dv).view({rows, Dv}).zero_();
+        auto stick = stick_buf.narrow(0, 0, rows).fill_(1);
         scalar_t* stick_ptr = stick.data_ptr<scalar_t>();
         auto keys = k[b][h], values = v[b][h];
-        std::vector<scalar_t> keep(kTileRows * std::min(block_size, K));
         // Key blocks nearest first: distances [r0, r1) are keys [K - r1, K - r0).
         const int64_t first_visible = std::max<int64_t>(0, Q - i1 + 1 - int64_t(attend_current));
         for (int64_t r0 = first_visible; r0 < K; r0 += block_size) {
           if (max_of(stick_ptr, rows) <= exhausted) break;  // every row's stick is spent: farther keys get < tiny
           const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
-          auto scores = at::mm(neg_q, keys.slice(0, j0, j0 + n).t());  // (rows, n) = -z, contiguous
+          auto scores = scores_buf.narrow(0, 0, rows * n).view({rows, n});
+          at::mm_out(scores, neg_q, keys.slice(0, j0, j0 + n).t());  // (rows, n) = -z, contiguous
           scalar_t* x = scores.data_ptr<scalar_t>();
           hide_masked_keys<scalar_t>(mask_keys, x, b, h, G, m, i0, j0, n);
           rows_block_weights<scalar_t>(x, stick_ptr, rows, n, m, Q - int64_t(attend_current) - i0 - r0,
@@ -440,7 +448,14 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       at::NoGradGuard worker_no_grad;
-      std::vector<scalar_t> keep(G * std::min(block_size, Q) * std::min(block_size, K)), beta(keep.size());
+      // Scratch of this worker, reused by all its tasks (as in `forward`).
+      const int64_t max_rows = G * std::min(block_size, Q), max_n = std::min(block_size, K);
+      auto opts = q5.options();
+      auto neg_q_buf = at::empty({max_rows * D}, opts), dq_buf = at::empty({max_rows * D}, opts);
+      auto scores_buf = at::empty({max_rows * max_n}, opts), grads_buf = at::empty({max_rows * max_n}, opts);
+      auto stick_buf = at::empty({max_rows}, opts);
+      std::vector<scalar_t> keep(kTileRows * max_n), beta(keep.size());
+      std::vector<double> nearer(max_rows);
       for (int64_t task = next_task.fetch_add(1); task < n_tasks; task = next_task.fetch_add(1)) {
         const int64_t pair = task / groups, group = task % groups;
         const int64_t b = pair / H, h = pair % H;
@@ -451,22 +466,25 @@ std::vector<torch::Tensor> backward(torch::Tensor q5, torch::Tensor k, torch::Te
         for (int64_t block = n_query_blocks - 1 - group; block >= 0; block -= groups) {
           const int64_t i0 = block * block_size, i1 = std::min(Q, i0 + block_size), m = i1 - i0;
           const int64_t rows = G * m;
-          auto neg_q = (q5[b][h].slice(1, i0, i1) * (-scale)).reshape({rows, D});
+          auto neg_q = neg_q_buf.narrow(0, 0, rows * D).view({rows, D});
+          neg_q.view({G, m, D}).copy_(q5[b][h].slice(1, i0, i1)).mul_(-scale);
           auto do_rows = do5[b][h].slice(1, i0, i1).reshape({rows, Dv});
           auto drem = drem5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
           auto total = total5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
-          std::vector<double> nearer(rows, 0.0);
+          std::fill(nearer.begin(), nearer.begin() + rows, 0.0);
           auto g_bound = bound5[b][h].slice(1, i0, i1).reshape({rows}).contiguous();
-          auto stick = at::ones({rows}, q5.options());
-          auto dq_rows = at::zeros({rows, D}, q5.options());
+          auto stick = stick_buf.narrow(0, 0, rows).fill_(1);
+          auto dq_rows = dq_buf.narrow(0, 0, rows * D).view({rows, D}).zero_();
           scalar_t* stick_ptr = stick.data_ptr<scalar_t>();
           const int64_t first_visible = std::max<int64_t>(0, Q - i1 + 1 - int64_t(attend_current));
           for (int64_t r0 = first_visible; r0 < K; r0 += block_size) {
             if (max_of(stick_ptr, rows) <= exhausted) break;  // as the forward: farther keys have weights < tiny
             const int64_t r1 = std::min(K, r0 + block_size), j0 = K - r1, n = r1 - r0;
             auto key_block = keys.slice(0, j0, j0 + n), value_block = values.slice(0, j0, j0 + n);
-            auto scores = at::mm(neg_q, key_block.t());  // -z
-            auto grads = at::mm(do_rows, value_block.t());  // do . v, then dL/dz
+            auto scores = scores_buf.narrow(0, 0, rows * n).view({rows, n});
+            auto grads = grads_buf.narrow(0, 0, rows * n).view({rows, n});
+            at::mm_out(scores, neg_q, key_block.t());  // -z
+            at::mm_out(grads, do_rows, value_block.t());  // do . v, then dL/dz
             scalar_t* x = scores.data_ptr<scalar_t>();
             hide_masked_keys<scalar_t>(mask_keys, x, b, h, G, m, i0, j0, n);
             rows_block_grads<scalar_t>(x, grads.data_ptr<scalar_t>(), keep.data(), beta.data(), stick_ptr,
