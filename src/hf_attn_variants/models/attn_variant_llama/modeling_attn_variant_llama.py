@@ -209,7 +209,8 @@ class AttnVariantLlamaAttention(nn.Module):
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
             # Under torch.compile the static cache's length is a tensor (the cut would break the graph): the attention
             # function's own trim rotates the unfilled keys out of the way instead.
-            if stickbreaking and not torch.compiler.is_compiling() and key_states.shape[2] > past_length + input_shape[1]:
+            compiling = torch.compiler.is_compiling()
+            if stickbreaking and not compiling and key_states.shape[2] > past_length + input_shape[1]:
                 # A static cache returns its whole buffer; stick-breaking places the queries at the end of the keys.
                 kv_length = int(past_length) + input_shape[1]
                 key_states, value_states = key_states[:, :, :kv_length], value_states[:, :, :kv_length]
