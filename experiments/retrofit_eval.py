@@ -127,7 +127,7 @@ def short_context_nll(model, window: torch.Tensor, context: int, stride: int = 2
         group = pieces[i : i + batch]
         same_length = len({len(p) for _, p in group}) == 1
         rows = [torch.stack([p for _, p in group])] if same_length else [p[None] for _, p in group]
-        nll = torch.cat([token_nll(model, r) for r in rows])
+        nll = [row for r in rows for row in token_nll(model, r)]
         for (s, piece), row in zip(group, nll):
             # row j predicts token s + j + 1 from j + 1 tokens: from j = context - 1 on, at least `context` of them
             out[s + context - 1 : s + len(piece) - 1] = row[context - 1 :]

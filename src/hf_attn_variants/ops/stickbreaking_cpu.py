@@ -16,8 +16,8 @@ model keeps the pure PyTorch path, which is also what a checkpoint loaded as rem
 
 The kernels are registered as torch.library custom ops, so `torch.compile(fullgraph=True)` traces through them
 (importing this module registers them; the C++ build still happens on the first real call):
-`hf_attn_variants::sb_forward` (with `register_autograd`: its backward is `sb_backward`), `sb_backward` and
-`sb_decode`, each with a fake (meta) implementation for tracing. `forward_op()`, `backward_op()` and `decode_op()`
+`hf_attn_variants::sb_cpu_forward` (with `register_autograd`: its backward is `sb_cpu_backward`), `sb_cpu_backward` and
+`sb_cpu_decode`, each with a fake (meta) implementation for tracing. `forward_op()`, `backward_op()` and `decode_op()`
 return them, or None where the kernels are unavailable.
 """
 
@@ -120,7 +120,7 @@ def _require_module():
     return module
 
 
-@torch.library.custom_op("hf_attn_variants::sb_forward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("hf_attn_variants::sb_cpu_forward", mutates_args=(), device_types="cpu")
 def sb_forward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
                mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise stick-breaking forward -> (o (B, H, G, Q, Dv), rem (B, H, G, Q)), fp32 or fp64."""
@@ -133,7 +133,7 @@ def _(q5, k, v, scale, attend_current, mask, block_size):
     return q5.new_empty((*q5.shape[:-1], v.shape[-1])), q5.new_empty(q5.shape[:-1])
 
 
-@torch.library.custom_op("hf_attn_variants::sb_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("hf_attn_variants::sb_cpu_backward", mutates_args=(), device_types="cpu")
 def sb_backward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do5: torch.Tensor, drem5: torch.Tensor,
                 row_totals: torch.Tensor, row_bounds: torch.Tensor, scale: float, attend_current: bool,
                 mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +150,7 @@ def _(q5, k, v, do5, drem5, row_totals, row_bounds, scale, attend_current, mask,
         k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("hf_attn_variants::sb_decode", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("hf_attn_variants::sb_cpu_decode", mutates_args=(), device_types="cpu")
 def sb_decode(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attend_current: bool,
               mask: Optional[torch.Tensor], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Few queries over a long cache, forward only (k, v read in place: any strides, contiguous last dimension)."""
@@ -198,15 +198,15 @@ def _available_op(op):
 
 
 def forward_op():
-    """`torch.ops.hf_attn_variants.sb_forward` (differentiable) where the kernels are available, else None."""
-    return _available_op(torch.ops.hf_attn_variants.sb_forward)
+    """`torch.ops.hf_attn_variants.sb_cpu_forward` (differentiable) where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_cpu_forward)
 
 
 def backward_op():
-    """`torch.ops.hf_attn_variants.sb_backward` where the kernels are available, else None."""
-    return _available_op(torch.ops.hf_attn_variants.sb_backward)
+    """`torch.ops.hf_attn_variants.sb_cpu_backward` where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_cpu_backward)
 
 
 def decode_op():
-    """`torch.ops.hf_attn_variants.sb_decode` where the kernels are available, else None."""
-    return _available_op(torch.ops.hf_attn_variants.sb_decode)
+    """`torch.ops.hf_attn_variants.sb_cpu_decode` where the kernels are available, else None."""
+    return _available_op(torch.ops.hf_attn_variants.sb_cpu_decode)

@@ -27,7 +27,7 @@ of fresh prefills on CUDA.
 On CPU the blockwise forward, its backward and the decode path run as the package's C++ kernels
 (`hf_attn_variants.ops.stickbreaking_cpu`: the same algorithm and numerics, threads over query blocks, fused
 elementwise work) when the package is installed and the kernels build, called as its torch.library custom ops
-(`torch.ops.hf_attn_variants.sb_forward` / `sb_backward` / `sb_decode`), so `torch.compile(fullgraph=True)` traces
+(`torch.ops.hf_attn_variants.sb_cpu_forward` / `sb_cpu_backward` / `sb_cpu_decode`), so `torch.compile(fullgraph=True)` traces
 them; float16/bfloat16 inputs run them in float32. `stickbreaking_backend="torch"` (or a checkpoint run as remote code
 without the package) keeps pure PyTorch, whose data-dependent early exits (`.item()`) break a torch.compile graph.
 
@@ -358,7 +358,7 @@ _CPU_DECODE_DTYPES = (torch.float32, torch.float64)
 
 def _cpu_kernel(x, name):
     """The package's C++ kernel `name` ("forward", "backward" or "decode") for `x`'s device and dtype, or None (not
-    CPU, no package, no build): the custom op `torch.ops.hf_attn_variants.sb_<name>`, which torch.compile traces."""
+    CPU, no package, no build): the custom op `torch.ops.hf_attn_variants.sb_cpu_<name>`, which torch.compile traces."""
     if x.device.type != "cpu" or x.dtype not in (_CPU_DECODE_DTYPES if name == "decode" else _CPU_KERNEL_DTYPES):
         return None
     kernel = _CPU_KERNEL.get(name, _CPU_KERNEL)  # the dict itself marks "not looked up yet"
