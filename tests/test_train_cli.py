@@ -204,11 +204,17 @@ def _command(script, argv, processes, port):
             "--main_process_port", str(port), str(script), *argv]
 
 
+def _as_foreground():
+    # A shell starts background jobs with SIGINT ignored and the child inherits that (the command then rightly leaves
+    # it alone); a user's Ctrl-C reaches a foreground process, so the child gets the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(script, argv, processes, port, stop_after=None, sig=signal.SIGTERM):
     """Run the command; with `stop_after`, send `sig` once that many training steps were logged."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_command(script, argv, processes, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_as_foreground)
     lines = []
     if stop_after is not None:
         for line in proc.stdout:
