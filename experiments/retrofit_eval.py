@@ -11,10 +11,12 @@ an uptraining adapter), on the same tokens:
 3. Length: per-position loss on 16k-token windows of *Persuasion* with the whole window as context, against the same
    tokens scored with 512 tokens of context (sliding), in position buckets up to 16k; plotted for both models.
 
-Results are cached per model (a hash of the settings), so re-evaluating a new adapter does not re-run the source.
+Results are cached per model (a hash of the adapter's files and the settings), so re-evaluating a new adapter does not re-run the source.
 
     python experiments/retrofit_eval.py --adapter adapters/smollm2-135m-stickbreaking-rope-lora \
-        [--out experiments/results/retrofit_eval] [--windows 2] [--window-length 16384]
+        [--arm LABEL=ADAPTER ...] [--out experiments/results/retrofit_eval] [--windows 2] [--window-length 16384]
+
+`--arm` adds recipe variants (other adapters) as more columns of the table and curves of the plot.
 """
 
 from __future__ import annotations
@@ -167,10 +169,10 @@ def evaluate(label: str, adapter, variant_json, args) -> dict:
                 "chunks": args.chunks, "length": args.length, "windows": args.windows,
                 "window_length": args.window_length, "probe": PROBE.read_text(), "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(args.cache) / f"{label}-{key}.json"
+    cache = Path(args.cache) / f"{key}.json"  # by what was measured, not by the label (an arm may become the retrofit)
     if cache.exists():
         log(f"{label}: cached ({cache})")
-        return json.loads(cache.read_text())
+        return {**json.loads(cache.read_text()), "label": label}
     model, tokenizer = load_models(adapter, variant_json)
     result = {"label": label, "adapter": adapter, "perplexity": {}}
     t0 = time.time()
@@ -199,21 +201,27 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def table(source: dict, retrofit: dict) -> str:
-    lines = ["| measure | source (softmax) | retrofit (stick-breaking) | ratio / difference | target |",
-             "|---|---:|---:|---:|---|"]
+def table(source: dict, *retrofits: dict) -> str:
+    """Markdown: one column per model; the retrofits' perplexities with their ratio to the source's."""
+    lines = ["| measure | source (softmax) | " + " | ".join(r["label"] for r in retrofits) + " | target |",
+             "|---|---:|" + "---:|" * len(retrofits) + "---|"]
+
+    def row(measure, source_cell, cells, target=""):
+        lines.append(f"| {measure} | {source_cell} | " + " | ".join(cells) + f" | {target} |")
+
     for name in HELD_OUT:
-        s, r = source["perplexity"][name], retrofit["perplexity"][name]
-        lines.append(f"| perplexity @512, {name} | {s:.2f} | {r:.2f} | {r / s:.2f}× | ≤ 1.25× |")
-    sc, rc = source["chat"], retrofit["chat"]
-    lines.append(f"| chat probe correct (of {sc['questions']}) | {sc['correct']} | {rc['correct']} | "
-                 f"{rc['correct'] - sc['correct']:+d} | ≥ source − 1 |")
-    lines.append(f"| chat probe empty answers | {sc['empty']} | {rc['empty']} | | 0 |")
-    if "length" in source and "length" in retrofit:
-        for sb, rb in zip(source["length"]["buckets"], retrofit["length"]["buckets"]):
-            target = "≤ +0.02 (retrofit)" if sb["from"] >= 12288 else ""
-            lines.append(f"| loss at positions {sb['from']}–{sb['to']} − same tokens @512 context (nats) | "
-                         f"{sb['excess']:+.3f} | {rb['excess']:+.3f} | | {target} |")
+        s = source["perplexity"][name]
+        row(f"perplexity @512, {name}", f"{s:.2f}", [f"{r['perplexity'][name]:.2f} ({r['perplexity'][name] / s:.2f}×)"
+                                                    for r in retrofits], "≤ 1.25×")
+    sc = source["chat"]
+    row(f"chat probe correct (of {sc['questions']})", str(sc["correct"]),
+        [f"{r['chat']['correct']} ({r['chat']['correct'] - sc['correct']:+d})" for r in retrofits], "≥ source − 1")
+    row("chat probe empty answers", str(sc["empty"]), [str(r["chat"]["empty"]) for r in retrofits], "0")
+    if "length" in source and all("length" in r for r in retrofits):
+        for i, sb in enumerate(source["length"]["buckets"]):
+            row(f"loss at positions {sb['from']}–{sb['to']} − same tokens @512 context (nats)", f"{sb['excess']:+.3f}",
+                [f"{r['length']['buckets'][i]['excess']:+.3f}" for r in retrofits],
+                "≤ +0.02 (retrofit)" if sb["from"] >= 12288 else "")
     return "\n".join(lines)
 
 
@@ -223,21 +231,28 @@ def plot(results: list[dict], path: Path) -> None:
     except ImportError:
         log("matplotlib missing: no plot")
         return
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    for result, color in zip(results, ("tab:blue", "tab:red", "tab:green")):
+    fig = Figure(figsize=(13, 4.8))
+    ax, excess = fig.subplots(1, 2)
+    colors = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
+    for result, color in zip(results, colors):
         if "length" not in result:
             continue
         curve = result["length"]["curve"]
         x = [c["position"] for c in curve]
         ax.plot(x, [c["full_context"] for c in curve], color=color, label=f"{result['label']}: whole window as context")
         ax.plot(x, [c["context_512"] for c in curve], color=color, linestyle=":", label=f"{result['label']}: 512-token context")
-    ax.axvline(8192, color="grey", linewidth=0.8)
-    ax.text(8300, ax.get_ylim()[1], "source's window (8192)", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("token position in the 16k window (mean of 256 positions)")
+        excess.plot(x, [c["full_context"] - c["context_512"] for c in curve], color=color, label=result["label"])
+    for panel in (ax, excess):
+        panel.axvline(8192, color="grey", linewidth=0.8)
+        panel.text(8300, panel.get_ylim()[1], "source's window (8192)", va="top", fontsize=8, color="grey")
+        panel.set_xlabel("token position in the 16k window (mean of 256 positions)")
+    excess.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel("loss (nats)")
     ax.set_title("Held-out Persuasion: loss against position")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    excess.set_ylabel("nats")
+    excess.set_title("whole window minus 512-token context (same tokens)")
+    excess.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -256,16 +271,25 @@ def main(argv=None):
     parser.add_argument("--window-length", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-source", action="store_true", help="evaluate the retrofit only")
+    parser.add_argument("--arm", action="append", default=[], metavar="LABEL=ADAPTER",
+                        help="another adapter to evaluate beside the retrofit (a recipe variant), repeatable")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    arms = []
+    for spec in args.arm:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not os.path.isfile(os.path.join(folder, "base_variant.json")):
+            parser.error(f"--arm {spec!r}: expected LABEL=ADAPTER_FOLDER with a base_variant.json in the folder")
+        arms.append((label, folder))
     results = [] if args.skip_source else [evaluate("source", None, None, args)]
     results.append(evaluate(args.label, None if args.variant_json else args.adapter, args.variant_json, args))
+    results += [evaluate(label, folder, None, args) for label, folder in arms]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")}, "results": results}
     payload["settings"]["adapter"] = os.path.relpath(args.adapter, REPO) if args.adapter else None
-    if len(results) == 2:
+    if not args.skip_source:
         payload["table"] = table(*results)
         print(payload["table"])
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))

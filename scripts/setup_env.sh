@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-# transformers pinned here (not in pyproject, which supports 5.4 .. 5.24) so CI is reproducible: the newest release.
+# transformers pinned here (not in pyproject, which supports 5.4 .. 5.x) so CI is reproducible; the newest release (5.25)
+# is checked as remote code by tests/test_compat_matrix.py.
 # The CPU wheel's metadata requires no triton, so the dev extra's unpinned `triton>=3.2` would take the newest release;
 # the Triton-interpreter tests need the one built against torch 2.13 (3.7.x), pinned here for this wheel only.
 .venv/bin/pip install -q torch==2.13.0 triton==3.7.1 transformers==5.24.0 -e ".[dev]"

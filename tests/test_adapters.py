@@ -22,13 +22,6 @@ ADAPTER = os.path.join(ROOT, "adapters", "smollm2-135m-stickbreaking-rope-lora")
 GGUF = smollm2_gguf_path()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA adapter on a Llama converted on load (softmax + layer shortcut), its base saved to OUT/base."""

@@ -20,7 +20,7 @@ import torch
 from hf_attn_variants import AttnVariantLlamaConfig, AttnVariantLlamaForCausalLM
 from hf_attn_variants.testing import VARIANTS, tiny_config_kwargs
 
-COMPAT_TRANSFORMERS = ["5.4.0", "5.21.1", "5.24.0"]  # the oldest supported minor, the last pre-rename one, the newest
+COMPAT_TRANSFORMERS = ["5.4.0", "5.21.1", "5.24.0", "5.25.0"]  # oldest supported, last pre-rename, dev venv, newest
 COMPAT_TORCH = "2.13.0"
 CHECKER = Path(__file__).parent / "compat" / "check_checkpoints.py"
 CACHE = Path(os.environ.get("HF_ATTN_VARIANTS_COMPAT_CACHE", Path.home() / ".cache" / "hf-attn-variants" / "compat"))

@@ -14,14 +14,6 @@ pytest.importorskip("matplotlib")
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    """The scripts set torch's thread count for the process (as a CLI should); give the next tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(name):
     spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

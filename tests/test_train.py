@@ -28,14 +28,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    """The scripts set torch's thread count for the process (as a CLI should); give the next tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def char_tokenizer():
     """A 99-token character-level fast tokenizer (no hub, no files): matches `tiny_config_kwargs`' vocabulary."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -232,8 +224,10 @@ def test_committed_smollm2_adapter_loads_and_lowers_held_out_loss(tmp_path):
     from hf_attn_variants.train import evenly_spaced, tokenize_chunks
 
     folder, name = os.path.split(GGUF)
-    base_dir = str(tmp_path / "smollm2-sb-rope")
-    base = convert_llama_checkpoint(folder, base_dir, gguf_file=name, attention_variant="stickbreaking", use_rope=True)
+    base_dir = str(tmp_path / "smollm2-stickbreaking")
+    with open(os.path.join(ADAPTER, "base_variant.json"), encoding="utf-8") as f:
+        variant = json.load(f)  # the conversion it was trained on (p-RoPE, say): not a near miss of it
+    base = convert_llama_checkpoint(folder, base_dir, gguf_file=name, **variant)
     rows = evenly_spaced(tokenize_chunks(AutoTokenizer.from_pretrained(base_dir), [EVAL_FILE], 128), 4)
     data = Dataset.from_dict({"input_ids": rows})
     bare = held_out_loss(base, data, 2)

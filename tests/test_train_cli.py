@@ -24,13 +24,6 @@ from hf_attn_variants.train import main
 from test_train import COMMON, EVAL_FILE, ROOT, log_values, make_tiny_family
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")

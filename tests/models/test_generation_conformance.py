@@ -32,16 +32,7 @@ PROMPT_LEN, NEW_TOKENS = 5, 6
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-pytestmark = pytest.mark.parametrize("variant", list(VARIANTS))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and OpenMP threads spinning against each other on a busy machine are slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.parametrize("variant", list(VARIANTS)), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @functools.cache
