@@ -40,7 +40,7 @@ RECIPE = [
     "--attention-transfer-steps", "60", "--max-steps", "260", "--max-length", "1024",
     "--curriculum", "128:60,256:40,512:60", "--batch-size", "1", "--lr", "3e-3", "--warmup-steps", "5",
     "--time-budget-minutes", "88", "--eval-chunks", "8", "--eval-length", "512", "--eval-steps", "60",
-    "--threads", "2", "--logging-steps", "5",
+    "--threads", "2", "--logging-steps", "5", "--base-name", "./smollm2-135m-stickbreaking-prope",
 ]
 
 

@@ -137,26 +137,27 @@ def load_teacher(threads: int | None = None):
     return model, tokenizer
 
 
-def write_atomically(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"
+def teacher_data_main(argv, doc: str, prompts: list[str], generate, default_max_new_tokens: int, what: str) -> None:
+    """The command line both teacher-data scripts share: check the prompts against the probe, let the teacher write,
+    write the text file at once (a staging file, then a rename)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help=f"text file to write (the {what}, one after another)")
+    parser.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    check_held_out(prompts)
+    model, tokenizer = load_teacher(args.threads)
+    texts = generate(model, tokenizer, prompts, args.max_new_tokens)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    partial = args.out + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(partial, path)
+        f.write("".join(texts))
+    os.replace(partial, args.out)
+    print(f"{len(texts)} teacher {what} -> {args.out}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="text file to write (the conversations, one after another)")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    prompts = build_prompts()
-    check_held_out(prompts)
-    model, tokenizer = load_teacher(args.threads)
-    conversations = teacher_conversations(model, tokenizer, prompts, args.max_new_tokens)
-    write_atomically(args.out, "".join(conversations))
-    print(f"{len(conversations)} teacher conversations -> {args.out}")
+    teacher_data_main(argv, __doc__, build_prompts(), teacher_conversations, 96, "conversations")
 
 
 if __name__ == "__main__":

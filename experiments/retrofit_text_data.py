@@ -8,12 +8,9 @@ of experiments/retrofit_eval.py, and none mentions a chat-probe answer (`retrofi
     python experiments/retrofit_text_data.py --out out/retrofit/teacher_text.txt [--max-new-tokens 320]
 """
 
-import argparse
-import os
-
 import torch
 
-from retrofit_chat_data import check_held_out, load_teacher, write_atomically
+from retrofit_chat_data import teacher_data_main
 
 # (kind of document, opening lines): the teacher continues each opening once per subject.
 KINDS = [
@@ -68,17 +65,7 @@ def teacher_documents(model, tokenizer, openings: list[str], max_new_tokens: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="text file to write (the documents, one after another)")
-    parser.add_argument("--max-new-tokens", type=int, default=320)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    openings = build_openings()
-    check_held_out(openings)
-    model, tokenizer = load_teacher(args.threads)
-    documents = teacher_documents(model, tokenizer, openings, args.max_new_tokens)
-    write_atomically(args.out, "".join(documents))
-    print(f"{len(documents)} teacher documents -> {args.out}")
+    teacher_data_main(argv, __doc__, build_openings(), teacher_documents, 320, "documents")
 
 
 if __name__ == "__main__":

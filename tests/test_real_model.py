@@ -55,3 +55,18 @@ def test_convert_smollm2_and_reload_as_remote_code(tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
     assert torch.equal(child["logits"], expected)
+
+
+def test_demo_with_the_committed_stickbreaking_adapter_answers(tmp_path):
+    """The README's demo, `--variant stickbreaking`: the converted model plus the committed retrofit adapter still
+    answers its question, and reloads as remote code with identical logits."""
+    import subprocess
+    import sys
+
+    demo = os.path.join(os.path.dirname(__file__), "..", "examples", "demo.py")
+    run = subprocess.run([sys.executable, demo, "--variant", "stickbreaking", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = next(line for line in run.stdout.splitlines() if line.startswith("A: "))
+    assert "Paris" in answer, run.stdout
+    assert "attention_variant=stickbreaking" in run.stdout and "logits identical: True" in run.stdout, run.stdout

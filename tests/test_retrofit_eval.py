@@ -161,3 +161,22 @@ def test_bad_arm_is_refused_before_anything_runs(spec, capsys):
         retrofit_eval.main(["--arm", spec])
     assert exit_info.value.code == 2
     assert f"--arm {spec!r}: expected LABEL=ADAPTER_FOLDER" in capsys.readouterr().err
+
+
+def test_teacher_data_scripts_write_their_file_whole(monkeypatch, tmp_path, capsys):
+    """The command both teacher-data scripts share (the teacher stubbed): every prompt's text, written at once."""
+    monkeypatch.setattr(retrofit_chat_data, "load_teacher", lambda threads: ("model", "tokenizer"))
+    seen = {}
+
+    def generate(model, tokenizer, prompts, max_new_tokens):
+        seen.update(model=model, max_new_tokens=max_new_tokens, count=len(prompts))
+        return [f"<{p}>" for p in prompts]
+
+    out = tmp_path / "sub" / "docs.txt"
+    retrofit_chat_data.teacher_data_main(["--out", str(out), "--max-new-tokens", "7"], "doc", ["a", "b"], generate, 96,
+                                         "documents")
+    assert out.read_text() == "<a><b>" and seen == {"model": "model", "max_new_tokens": 7, "count": 2}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["docs.txt"]
+    assert "2 teacher documents ->" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="probe answer"):  # checked before the teacher is even loaded
+        retrofit_chat_data.teacher_data_main(["--out", str(out)], "doc", ["Visit Paris"], generate, 96, "documents")
