@@ -7,8 +7,9 @@ command (a thin call of `hf-attn-variants train`, `hf_attn_variants.train.main`)
    continues the document openings of experiments/retrofit_text_data.py (sampled: encyclopedia, news, letters,
    manuals, stories, code, ...); both are written once to OUT.chats.txt and OUT.text.txt (reused when present). No
    outside chat data or text beyond one Austen novel.
-2. The student is the same GGUF converted on load: stick-breaking, RoPE kept but limited to the source's 8192-position
-   window (p-RoPE: longer wavelengths unrotated, so distances past the window stay in distribution). It is trained
+2. The student is the same GGUF converted on load: stick-breaking, RoPE kept only for wavelengths up to the recipe's
+   1024-token training length (p-RoPE: the longer ones unrotated, so no distance past it turns a rotated dimension to
+   an angle training never showed; keeping the source's 8192 window instead degrades past ~2k tokens). It is trained
    with LoRA on q/k/v/o + the norms: first layer-local attention transfer (60 steps on 128-token pieces), then KL
    distillation on the teacher's token distributions, on those conversations and documents mixed with *Northanger
    Abbey*, on 256-, then 512-, then 1024-token pieces (every step sees the same 1024 tokens, cut differently).
@@ -31,11 +32,11 @@ import retrofit_chat_data  # noqa: E402
 import retrofit_text_data  # noqa: E402
 
 AUSTEN = os.path.join(ROOT, "data", "austen")
-SOURCE_WINDOW = 8192  # SmolLM2-135M's max_position_embeddings
+ROPE_MAX_WAVELENGTH = 1024  # the longest sequences the recipe trains on
 
 # The uptraining recipe of adapters/smollm2-135m-stickbreaking-rope-lora (its README has the exact command and metrics).
 RECIPE = [
-    "--attention-variant", "stickbreaking", "--use-rope", "yes", "--rope-max-wavelength", str(SOURCE_WINDOW),
+    "--attention-variant", "stickbreaking", "--use-rope", "yes", "--rope-max-wavelength", str(ROPE_MAX_WAVELENGTH),
     "--lora-targets", "q_proj", "k_proj", "v_proj", "o_proj", "--train", "norms",
     "--attention-transfer-steps", "60", "--max-steps", "260", "--max-length", "1024",
     "--curriculum", "128:60,256:40,512:60", "--batch-size", "1", "--lr", "3e-3", "--warmup-steps", "5",
