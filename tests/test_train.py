@@ -221,13 +221,15 @@ def test_committed_smollm2_adapter_loads_and_lowers_held_out_loss(tmp_path):
     from transformers import AutoTokenizer
 
     from hf_attn_variants.convert import convert_llama_checkpoint
+    from hf_attn_variants.convert.common import VARIANT_OPTIONS
     from hf_attn_variants.train import evenly_spaced, tokenize_chunks
 
     folder, name = os.path.split(GGUF)
     base_dir = str(tmp_path / "smollm2-stickbreaking")
     with open(os.path.join(ADAPTER, "base_variant.json"), encoding="utf-8") as f:
         variant = json.load(f)  # the conversion it was trained on (p-RoPE, say): not a near miss of it
-    base = convert_llama_checkpoint(folder, base_dir, gguf_file=name, **variant)
+    options = {k: v for k, v in variant.items() if k in VARIANT_OPTIONS}  # the rest are the source's own fields
+    base = convert_llama_checkpoint(folder, base_dir, gguf_file=name, **options)
     rows = evenly_spaced(tokenize_chunks(AutoTokenizer.from_pretrained(base_dir), [EVAL_FILE], 128), 4)
     data = Dataset.from_dict({"input_ids": rows})
     bare = held_out_loss(base, data, 2)
