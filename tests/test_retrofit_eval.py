@@ -118,8 +118,7 @@ def test_recipe_trains_on_no_held_out_text_and_reaches_full_length(monkeypatch, 
     spec = importlib.util.spec_from_file_location("lora_finetune", REPO / "examples" / "lora_finetune.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    gguf = tmp_path / "model.gguf"
-    monkeypatch.setattr(recipe, "smollm2_gguf_path", lambda: str(gguf))
+    monkeypatch.setattr(recipe, "require_smollm2_gguf", lambda: (str(tmp_path), "model.gguf"))
     for module in (recipe.retrofit_chat_data, recipe.retrofit_text_data):  # the teacher data: empty stand-ins
         monkeypatch.setattr(module, "main", lambda argv: Path(argv[argv.index("--out") + 1]).write_text("x"))
     argv = recipe.recipe_argv(["--out", str(tmp_path / "run")])

